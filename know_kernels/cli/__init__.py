@@ -1,0 +1,27 @@
+"""The ``know`` command.  Each subcommand lives in its own module of this package and
+exposes ``register(subparsers)``, which adds its parser with ``set_defaults(func=...)``;
+``func(args)`` returns the exit code."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("info", "selftest", "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="know", description="KNOW prediction with fused kernels")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError, RuntimeError) as exc:
+        print(f"know {args.command}: error: {exc}", file=sys.stderr)
+        return 2

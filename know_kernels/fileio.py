@@ -1,0 +1,65 @@
+"""Reading checkpoints safely and writing any file atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success,
+    so a crash or a full disk never leaves a partial file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """A flat state dict from ``.pt``/``.pth`` (weights_only) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises several unrelated types
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if path.suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({exc})") from exc
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: expected a state dict of tensors")
+        return dict(obj)
+    raise ValueError(f"{path}: unsupported checkpoint type {path.suffix!r}; "
+                     f"use one of {CHECKPOINT_SUFFIXES}")
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)

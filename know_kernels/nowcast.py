@@ -1,0 +1,115 @@
+"""``nowcast``: predict the next value(s) of every row of an (N, S) trajectory tensor.
+
+One entry point, several backends.  The reference backend is plain PyTorch and always
+works; the fused backends (``cpu``, ``triton``, ``cuda``) live in ``know_kernels/ops/``,
+one file each, and all read the head in the packed form of ``packing.py``.
+
+Backend contract (``ops/nowcast_<name>.py``):
+
+    available(device: torch.device) -> tuple[bool, str]   # usable here?, why not
+    run(rows, packed, *, S, norm, steps, out, threads) -> None
+
+``rows`` is a contiguous (N, S) tensor of a supported dtype, ``packed`` the float32 packed
+head on the same device, ``out`` a contiguous tensor on the same device, (N, steps) when
+every step is wanted or (N,) for the last step only; the kernel writes every element.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .packing import pack
+from .reference import check_norm, nowcast_ref
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def _kernel_module(name: str):
+    return importlib.import_module(f"know_kernels.ops.nowcast_{name}")
+
+
+def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device`` here, and if not, why."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS + ('auto',)}")
+    if name == "reference":
+        return True, "plain PyTorch"
+    try:
+        module = _kernel_module(name)
+    except ImportError as exc:
+        return False, f"not importable: {exc}"
+    return module.available(torch.device(device))
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend != "auto":
+        ok, why = backend_status(backend, device)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} is not usable on {device}: {why}")
+        return backend
+    if dtype == torch.float64:
+        return "reference"  # the fused kernels compute in float32; float64 asks for the truth
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    for name in order:
+        if backend_status(name, device)[0]:
+            return name
+    return "reference"
+
+
+def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = None,
+            backend: str = "auto", all_steps: bool = False,
+            out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+            threads: Optional[int] = None) -> torch.Tensor:
+    """Predict ``steps`` values ahead for each row of ``rows`` (N, S), oldest value first.
+
+    Returns (N,) — the ``steps``-th prediction — or (N, steps) with ``all_steps=True``, in
+    ``out_dtype`` (default: the rows' dtype), or writes into ``out`` when given.
+    ``norm=None`` uses the head's own normalisation.
+    """
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError(f"rows must be a 2-D (N, S) tensor, got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows)}")
+    if rows.shape[1] != head.S:
+        raise ValueError(f"rows have {rows.shape[1]} snapshots per row but the head expects "
+                         f"S={head.S}")
+    if rows.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"rows dtype {rows.dtype} not supported; use one of {REFERENCE_DTYPES}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    norm = check_norm(head.norm if norm is None else norm)
+    out_dtype = out_dtype or (out.dtype if out is not None else rows.dtype)
+    shape = (rows.shape[0], steps) if all_steps else (rows.shape[0],)
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != out_dtype or out.device != rows.device:
+            raise ValueError(f"out must be {shape} {out_dtype} on {rows.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+
+    name = resolve_backend(backend, rows.device, rows.dtype)
+    params = head.params_dict()
+    if name == "reference":
+        result = nowcast_ref(rows, params, norm, steps=steps, all_steps=all_steps)
+        if out is None:
+            return result.to(out_dtype)
+        out.copy_(result)
+        return out
+
+    if rows.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend {name!r} takes {KERNEL_DTYPES}, got {rows.dtype}; "
+                        f"use backend='reference' for float64")
+    if out_dtype not in (torch.float32, rows.dtype):
+        raise TypeError(f"backend {name!r} writes float32 or the input dtype ({rows.dtype}), "
+                        f"not {out_dtype}")
+    packed = pack({k: v.detach() for k, v in params.items()}, head.S).to(rows.device)
+    target = out if out is not None and out.is_contiguous() else torch.empty(
+        shape, dtype=out_dtype, device=rows.device)
+    if rows.shape[0]:
+        _kernel_module(name).run(rows.contiguous(), packed, S=head.S, norm=norm, steps=steps,
+                                 out=target, threads=threads)
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target
