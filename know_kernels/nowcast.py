@@ -60,6 +60,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "reference"
 
 
+@torch.no_grad()
 def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = None,
             backend: str = "auto", all_steps: bool = False,
             out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,

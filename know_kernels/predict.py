@@ -1,0 +1,162 @@
+"""KNOW prediction at the level of whole checkpoints.
+
+``predict([Θ^0, Θ^1, …, Θ^{S-1}], known)`` takes checkpoints in the paper's order (full data
+first), reverses them into time order towards more data, flattens every parameter routed to
+a head into rows of one (N, S) trajectory, predicts in bounded chunks and scatters the
+predictions back into state dicts [Θ̂^{-1}, …, Θ̂^{-steps}].  Entries no head predicts are
+copied from Θ^0 unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .fileio import load_state_dict
+from .heads import KNOWN
+from .nowcast import nowcast
+from .routing import Route, route_state
+
+Checkpoint = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+NONFINITE = ("error", "passthrough")
+DEFAULT_CHUNK_ROWS = 1 << 20
+
+
+def load_checkpoints(checkpoints: Sequence[Checkpoint]) -> tuple[list[dict], list[str]]:
+    """State dicts and a label for each (its path, or ``checkpoint[i]``)."""
+    states, labels = [], []
+    for i, ck in enumerate(checkpoints):
+        if isinstance(ck, Mapping):
+            states.append(dict(ck))
+            labels.append(f"checkpoint[{i}]")
+        else:
+            states.append(load_state_dict(ck))
+            labels.append(str(ck))
+    return states, labels
+
+
+def check_consistent(states: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str]) -> None:
+    """Every checkpoint must hold the same names with the same shapes and dtypes as Θ^0."""
+    first, first_label = states[0], labels[0]
+    for state, label in zip(states[1:], labels[1:]):
+        missing = [k for k in first if k not in state]
+        extra = [k for k in state if k not in first]
+        if missing or extra:
+            what = f"missing {missing[:5]}" if missing else f"has extra {extra[:5]}"
+            raise ValueError(f"{label} {what} compared with {first_label}")
+        for name, t0 in first.items():
+            t = state[name]
+            if t.shape != t0.shape or t.dtype != t0.dtype:
+                raise ValueError(f"parameter {name!r}: {first_label} has {tuple(t0.shape)} "
+                                 f"{t0.dtype} but {label} has {tuple(t.shape)} {t.dtype}")
+
+
+@dataclass
+class _Segment:
+    name: str
+    start: int
+    stop: int
+
+
+def _batches(names: Sequence[str], sizes: Mapping[str, int], chunk_rows: int) -> Iterator[list[_Segment]]:
+    """Group parameters (split where larger than a chunk) into batches of <= chunk_rows rows."""
+    batch, rows = [], 0
+    for name in names:
+        start = 0
+        while start < sizes[name]:
+            stop = min(sizes[name], start + chunk_rows - rows)
+            batch.append(_Segment(name, start, stop))
+            rows += stop - start
+            start = stop
+            if rows == chunk_rows:
+                yield batch
+                batch, rows = [], 0
+    if batch:
+        yield batch
+
+
+def predict(checkpoints: Sequence[Checkpoint], known: KNOWN, *, steps: int = 1,
+            backend: str = "auto", route: Route = None, nonfinite: str = "error",
+            chunk_rows: int = DEFAULT_CHUNK_ROWS, threads: Optional[int] = None,
+            progress: Optional[Callable[[int], None]] = None) -> list[dict[str, torch.Tensor]]:
+    """Predict [Θ̂^{-1}, …, Θ̂^{-steps}] from checkpoints [Θ^0, Θ^1, …] (paper order).
+
+    ``checkpoints`` are state dicts or paths (``.pt``/``.pth`` loaded weights-only, or
+    ``.safetensors``).  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
+    value instead of refusing them.  ``progress`` is called with the number of rows done.
+    """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if len(checkpoints) < 2:
+        raise ValueError(f"need at least 2 checkpoints, got {len(checkpoints)}")
+    states, labels = load_checkpoints(checkpoints)
+    check_consistent(states, labels)
+    routes = route_state(states[0], route)
+    S = len(states)
+
+    by_head: dict[str, list[str]] = {}
+    for name, head in routes.items():
+        if head is None:
+            continue
+        if head not in known:
+            raise ValueError(f"parameter {name!r} routes to head {head!r}, which this KNOWN "
+                             f"lacks (it has {list(known)}); pass route= to copy it instead")
+        if known[head].S != S:
+            raise ValueError(f"KNOWN head {head!r} takes S={known[head].S} snapshots but "
+                             f"{S} checkpoints were given")
+        by_head.setdefault(head, []).append(name)
+
+    # Time order runs towards more data: Θ^{S-1} first, Θ^0 last.
+    timeline = states[::-1]
+    outputs = [{} for _ in range(steps)]
+    for name, head in routes.items():
+        if head is None:
+            for out in outputs:
+                out[name] = states[0][name].clone()
+        else:
+            for out in outputs:
+                out[name] = torch.empty_like(states[0][name])
+    sizes = {name: states[0][name].numel() for name in routes}
+
+    for head_name, names in by_head.items():
+        head = known[head_name]
+        for name in names:
+            for state, label in zip(states, labels):
+                if not torch.isfinite(state[name]).all() and nonfinite == "error":
+                    raise ValueError(f"parameter {name!r} holds NaN or Inf in {label}; "
+                                     f"pass nonfinite='passthrough' to keep such rows at Θ^0")
+        for dtype in dict.fromkeys(states[0][n].dtype for n in names):
+            same = [n for n in names if states[0][n].dtype == dtype]
+            for batch in _batches(same, sizes, chunk_rows):
+                rows = torch.cat([
+                    torch.stack([s[seg.name].reshape(-1)[seg.start:seg.stop] for s in timeline], dim=1)
+                    for seg in batch])
+                pred = nowcast(rows, head, steps=steps, backend=backend, all_steps=True,
+                               threads=threads)
+                if nonfinite == "passthrough":
+                    bad = ~torch.isfinite(rows).all(dim=1)
+                    pred[bad] = rows[bad, -1:].to(pred.dtype)
+                at = 0
+                for seg in batch:
+                    n = seg.stop - seg.start
+                    for k, out in enumerate(outputs):
+                        out[seg.name].view(-1)[seg.start:seg.stop] = pred[at:at + n, k]
+                    at += n
+                if progress is not None:
+                    progress(rows.shape[0])
+    return outputs
+
+
+def count_rows(state: Mapping[str, torch.Tensor], route: Route = None) -> dict[str, int]:
+    """Rows each head will predict for a model (for progress bars and cost estimates)."""
+    counts: dict[str, int] = {}
+    for name, head in route_state(state, route).items():
+        if head is not None:
+            counts[head] = counts.get(head, 0) + state[name].numel()
+    return counts

@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from know_kernels import KNOWN
+from know_kernels.cli import main
+from know_kernels.predict import predict
+from test_predict import forgetting_checkpoints
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cks = forgetting_checkpoints()
+    paths = []
+    for i, ck in enumerate(cks):
+        if i % 2:
+            p = tmp_path / f"theta{i}.safetensors"
+            save_file(ck, str(p))
+        else:
+            p = tmp_path / f"theta{i}.pt"
+            torch.save(ck, p)
+        paths.append(str(p))
+    known = KNOWN.init(seed=9)
+    kpath = tmp_path / "known.safetensors"
+    known.save(kpath)
+    return cks, paths, str(kpath), known, tmp_path
+
+
+def test_predict_end_to_end(setup, capsys):
+    cks, paths, kpath, known, tmp = setup
+    out = tmp / "out"
+    assert main(["predict", *paths, "--steps", "3", "--out", str(out), "--known", kpath,
+                 "--quiet"]) == 0
+    want = predict(cks, known, steps=3)
+    for k in range(3):
+        got = load_file(str(out / f"know_step{k + 1}.safetensors"))
+        assert set(got) == set(want[k])
+        for name in got:
+            assert torch.equal(got[name], want[k][name]), name
+    assert not list(out.glob(".*tmp"))
+
+
+def test_predict_refuses_existing_output_unless_forced(setup, capsys):
+    _, paths, kpath, _, tmp = setup
+    out = tmp / "out"
+    out.mkdir()
+    (out / "know_step1.safetensors").write_bytes(b"keep me")
+    assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--quiet"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (out / "know_step1.safetensors").read_bytes() == b"keep me"
+    assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--quiet", "--force"]) == 0
+    assert load_file(str(out / "know_step1.safetensors"))
+
+
+def test_predict_never_overwrites_an_input(setup, capsys):
+    _, paths, kpath, _, tmp = setup
+    clash = tmp / "know_step1.safetensors"
+    save_file(load_file(paths[1]), str(clash))
+    before = clash.read_bytes()
+    paths[1] = str(clash)
+    assert main(["predict", *paths, "--out", str(tmp), "--known", kpath, "--force",
+                 "--quiet"]) == 2
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert clash.read_bytes() == before
+
+
+def test_predict_errors_are_clear(setup, capsys):
+    _, paths, kpath, _, tmp = setup
+    assert main(["predict", *paths[:4], "--out", str(tmp / "o"), "--known", kpath, "--quiet"]) == 2
+    assert "S=5 snapshots but 4 checkpoints" in capsys.readouterr().err
+    bad = tmp / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["predict", str(bad), *paths[1:], "--out", str(tmp / "o"), "--known", kpath,
+                 "--quiet"]) == 2
+    assert "bad.pt: not a readable" in capsys.readouterr().err
+    assert main(["predict", *paths, "--out", str(tmp / "o"), "--known", str(tmp / "nope"),
+                 "--quiet"]) == 2
+    assert "KNOWN file not found" in capsys.readouterr().err
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    p = tmp_path / "evil.pt"
+    torch.save({"w": Evil()}, p)
+    from know_kernels.fileio import load_state_dict
+    with pytest.raises(ValueError, match="weights-only"):
+        load_state_dict(p)
+
+
+def test_info_and_selftest_run_as_module():
+    info = subprocess.run([sys.executable, "-m", "know_kernels", "info"], capture_output=True,
+                          text=True, check=True)
+    assert "know-kernels" in info.stdout and "reference  cpu   usable" in info.stdout
+    st = subprocess.run([sys.executable, "-m", "know_kernels", "selftest", "--rows", "101"],
+                        capture_output=True, text=True)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert " 0 failed" in st.stdout and "reference  cpu    float32" in st.stdout

@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spec_numpy
+from know_kernels import KNOWN, KNOWNHead
+
+
+def random_layers(S=5, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(S, 64), (64, 8), (8, 64), (8, 64), (8, 64), (64, 32),
+              (S - 1, 64), (64, 8), (8, 64), (8, 64), (8, 64), (64, 32), (64, 1)]
+    return [(rng.normal(0, 0.3, s), rng.normal(0, 0.1, s[1])) for s in shapes]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_keras_import_reproduces_keras_model(tmp_path, nested):
+    files = {}
+    layers = {}
+    for i, name in enumerate(("conv", "fc", "bias")):
+        layers[name] = random_layers(seed=i)
+        files[name] = tmp_path / f"KNOWN_{name}.h5"
+        spec_numpy.write_keras_h5(files[name], layers[name], nested=nested)
+    known = KNOWN.from_keras_h5(**files, norm="raw")
+    x = np.random.default_rng(7).normal(0, 0.2, (64, 5))
+    for name in ("conv", "fc", "bias"):
+        head = known[name]
+        assert head.S == 5 and head.norm == "raw"
+        f32 = [(k.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64))
+               for k, b in layers[name]]
+        want = spec_numpy.keras_head(x, f32)
+        got = head.double().residual(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert known.provenance["source"] == "keras-h5"
+
+
+def test_keras_import_names_missing_layer(tmp_path):
+    path = tmp_path / "broken.h5"
+    spec_numpy.write_keras_h5(path, random_layers(), drop="dense_7")
+    with pytest.raises(ValueError, match=r"dense_7.*stream d: Wd"):
+        KNOWN.from_keras_h5(conv=path)
+
+
+def test_keras_import_refuses_non_hdf5(tmp_path):
+    path = tmp_path / "not.h5"
+    path.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        KNOWN.from_keras_h5(fc=path)
+    with pytest.raises(FileNotFoundError):
+        KNOWN.from_keras_h5(fc=tmp_path / "absent.h5")
+    with pytest.raises(ValueError, match="at least one"):
+        KNOWN.from_keras_h5()
+
+
+def test_keras_import_checks_stream_widths(tmp_path):
+    layers = random_layers()
+    layers[6] = (np.zeros((2, 64)), layers[6][1])
+    path = tmp_path / "bad_width.h5"
+    spec_numpy.write_keras_h5(path, layers)
+    with pytest.raises(ValueError, match="stream d takes 2"):
+        KNOWN.from_keras_h5(bias=path)
+
+
+def test_save_load_round_trip(tmp_path):
+    known = KNOWN({"conv": KNOWNHead(5, "wnn", seed=1), "fc": KNOWNHead(4, "raw", seed=2)},
+                  provenance={"note": "test"})
+    path = tmp_path / "k.safetensors"
+    known.save(path)
+    back = KNOWN.load(path)
+    assert list(back) == ["conv", "fc"] and "bias" not in back
+    assert back["fc"].S == 4 and back["fc"].norm == "raw" and back["conv"].norm == "wnn"
+    assert back.provenance == {"note": "test"}
+    for name in ("conv", "fc"):
+        for k, v in known[name].params_dict().items():
+            assert torch.equal(v, back[name].params_dict()[k]), k
+    with pytest.raises(KeyError, match="no 'bias' head"):
+        back["bias"]
+
+
+def test_load_refuses_foreign_files(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="no 'know' metadata"):
+        KNOWN.load(plain)
+    wrong = tmp_path / "wrong.safetensors"
+    meta = {"format": "other/9", "heads": {}}
+    save_file({"a": torch.zeros(2)}, str(wrong), metadata={"know": json.dumps(meta)})
+    with pytest.raises(ValueError, match="format"):
+        KNOWN.load(wrong)
+    missing = tmp_path / "missing.safetensors"
+    meta = {"format": "know-kernels/1", "heads": {"conv": {"S": 5, "norm": "wnn"}}}
+    save_file({"conv.x.w1": torch.zeros(5, 64)}, str(missing), metadata={"know": json.dumps(meta)})
+    with pytest.raises(ValueError, match="missing"):
+        KNOWN.load(missing)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        KNOWN.load(garbage)
+
+
+def test_known_rejects_unknown_head_names():
+    with pytest.raises(ValueError, match="unknown head"):
+        KNOWN({"attention": KNOWNHead()})
+
+
+def test_init_is_seeded():
+    a, b = KNOWN.init(seed=3), KNOWN.init(seed=3)
+    assert all(torch.equal(a["conv"].params_dict()[k], v) for k, v in b["conv"].params_dict().items())
+    assert not torch.equal(a["conv"].x.w1, a["fc"].x.w1)
