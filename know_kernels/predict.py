@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .baselines import DEFAULT_LAMBDA, METHODS as BASELINES, extrapolate
 from .fileio import load_state_dict
 from .heads import KNOWN
 from .nowcast import nowcast
@@ -21,6 +22,7 @@ from .routing import Route, route_state
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 NONFINITE = ("error", "passthrough")
+METHODS = ("known",) + BASELINES
 DEFAULT_CHUNK_ROWS = 1 << 20
 
 
@@ -77,16 +79,23 @@ def _batches(names: Sequence[str], sizes: Mapping[str, int], chunk_rows: int) ->
         yield batch
 
 
-def predict(checkpoints: Sequence[Checkpoint], known: KNOWN, *, steps: int = 1,
+def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
+            steps: int = 1, method: str = "known", lam: float = DEFAULT_LAMBDA,
             backend: str = "auto", route: Route = None, nonfinite: str = "error",
             chunk_rows: int = DEFAULT_CHUNK_ROWS, threads: Optional[int] = None,
             progress: Optional[Callable[[int], None]] = None) -> list[dict[str, torch.Tensor]]:
     """Predict [Θ̂^{-1}, …, Θ̂^{-steps}] from checkpoints [Θ^0, Θ^1, …] (paper order).
 
     ``checkpoints`` are state dicts or paths (``.pt``/``.pth`` loaded weights-only, or
-    ``.safetensors``).  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
+    ``.safetensors``).  ``method`` is ``"known"`` (needs ``known``) or one of the baselines
+    ``linear``, ``log``, ``exp``, ``taskvector`` (``lam`` is TaskVector's λ), which use the
+    same routing.  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
     value instead of refusing them.  ``progress`` is called with the number of rows done.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method == "known" and known is None:
+        raise ValueError("method='known' needs a KNOWN (pass known=)")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -104,12 +113,13 @@ def predict(checkpoints: Sequence[Checkpoint], known: KNOWN, *, steps: int = 1,
     for name, head in routes.items():
         if head is None:
             continue
-        if head not in known:
-            raise ValueError(f"parameter {name!r} routes to head {head!r}, which this KNOWN "
-                             f"lacks (it has {list(known)}); pass route= to copy it instead")
-        if known[head].S != S:
-            raise ValueError(f"KNOWN head {head!r} takes S={known[head].S} snapshots but "
-                             f"{S} checkpoints were given")
+        if method == "known":
+            if head not in known:
+                raise ValueError(f"parameter {name!r} routes to head {head!r}, which this "
+                                 f"KNOWN lacks (it has {list(known)}); pass route= to copy it")
+            if known[head].S != S:
+                raise ValueError(f"KNOWN head {head!r} takes S={known[head].S} snapshots but "
+                                 f"{S} checkpoints were given")
         by_head.setdefault(head, []).append(name)
 
     # Time order runs towards more data: Θ^{S-1} first, Θ^0 last.
@@ -125,7 +135,6 @@ def predict(checkpoints: Sequence[Checkpoint], known: KNOWN, *, steps: int = 1,
     sizes = {name: states[0][name].numel() for name in routes}
 
     for head_name, names in by_head.items():
-        head = known[head_name]
         for name in names:
             for state, label in zip(states, labels):
                 if not torch.isfinite(state[name]).all() and nonfinite == "error":
@@ -137,8 +146,11 @@ def predict(checkpoints: Sequence[Checkpoint], known: KNOWN, *, steps: int = 1,
                 rows = torch.cat([
                     torch.stack([s[seg.name].reshape(-1)[seg.start:seg.stop] for s in timeline], dim=1)
                     for seg in batch])
-                pred = nowcast(rows, head, steps=steps, backend=backend, all_steps=True,
-                               threads=threads)
+                if method == "known":
+                    pred = nowcast(rows, known[head_name], steps=steps, backend=backend,
+                                   all_steps=True, threads=threads)
+                else:
+                    pred = extrapolate(rows, method, steps=steps, all_steps=True, lam=lam)
                 if nonfinite == "passthrough":
                     bad = ~torch.isfinite(rows).all(dim=1)
                     pred[bad] = rows[bad, -1:].to(pred.dtype)

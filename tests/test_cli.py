@@ -100,3 +100,15 @@ def test_info_and_selftest_run_as_module():
                         capture_output=True, text=True)
     assert st.returncode == 0, st.stdout + st.stderr
     assert " 0 failed" in st.stdout and "reference  cpu    float32" in st.stdout
+
+
+def test_predict_with_a_baseline_needs_no_known(setup, capsys):
+    cks, paths, _, _, tmp = setup
+    out = tmp / "lin"
+    assert main(["predict", *paths, "--method", "linear", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    want = predict(cks, method="linear", steps=2)
+    got = load_file(str(out / "know_step2.safetensors"))
+    assert all(torch.equal(got[k], want[1][k]) for k in got)
+    assert main(["predict", *paths, "--out", str(tmp / "k"), "--quiet"]) == 2
+    assert "needs --known" in capsys.readouterr().err

@@ -9,7 +9,8 @@ from tqdm import tqdm
 from ..fileio import load_state_dict, save_safetensors
 from ..heads import KNOWN
 from ..nowcast import BACKENDS
-from ..predict import NONFINITE, count_rows, predict
+from ..baselines import DEFAULT_LAMBDA
+from ..predict import METHODS, NONFINITE, count_rows, predict
 
 
 def register(sub) -> None:
@@ -20,7 +21,11 @@ def register(sub) -> None:
     p.add_argument("checkpoints", nargs="+", help=".pt/.pth (weights-only) or .safetensors")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, default=1, help="prediction steps (default 1)")
-    p.add_argument("--known", required=True, help="KNOWN weights (.safetensors, see `KNOWN.save`)")
+    p.add_argument("--method", default="known", choices=METHODS,
+                   help="KNOWN (default) or a baseline extrapolation")
+    p.add_argument("--known", default=None,
+                   help="KNOWN weights (.safetensors, see `KNOWN.save`); needed for --method known")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="TaskVector's λ (default 0.2)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--nonfinite", default="error", choices=NONFINITE,
@@ -37,23 +42,28 @@ def output_paths(out_dir: Path, steps: int) -> list[Path]:
 def run(args) -> int:
     out_dir = Path(args.out)
     targets = output_paths(out_dir, args.steps)
-    inputs = {Path(c).resolve() for c in args.checkpoints} | {Path(args.known).resolve()}
+    if args.method == "known" and args.known is None:
+        raise ValueError("--method known needs --known PATH (KNOWN weights)")
+    inputs = {Path(c).resolve() for c in args.checkpoints + ([args.known] if args.known else [])}
     for t in targets:
         if t.resolve() in inputs:
             raise ValueError(f"output {t} would overwrite an input; choose another --out")
         if t.exists() and not args.force:
             raise FileExistsError(f"{t} exists; pass --force to overwrite it")
-    known = KNOWN.load(args.known)
+    known = KNOWN.load(args.known) if args.method == "known" else None
     first = load_state_dict(args.checkpoints[0])
     total = sum(count_rows(first).values())
     with tqdm(total=total, unit="row", unit_scale=True, disable=args.quiet,
               desc="KNOW predict") as bar:
         states = predict([first] + list(args.checkpoints[1:]), known, steps=args.steps,
-                         backend=args.backend, nonfinite=args.nonfinite, threads=args.threads,
+                         method=args.method, lam=args.lam, backend=args.backend,
+                         nonfinite=args.nonfinite, threads=args.threads,
                          progress=bar.update)
     for k, (state, target) in enumerate(zip(states, targets), start=1):
-        meta = {"know_step": k, "checkpoints": [str(c) for c in args.checkpoints],
-                "known": str(args.known), "known_provenance": known.provenance}
+        meta = {"know_step": k, "method": args.method,
+                "checkpoints": [str(c) for c in args.checkpoints]}
+        if known is not None:
+            meta.update(known=str(args.known), known_provenance=known.provenance)
         save_safetensors(state, target, metadata={"know": json.dumps(meta)})
         print(f"wrote {target}")
     return 0
