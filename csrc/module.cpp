@@ -1,9 +1,15 @@
 // know_kernels._C: the CPU side of know-kernels.  It never links against torch: the
 // Python wrappers validate tensors and pass raw pointers, so one build serves any torch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
 
+#include <cstdint>
+#include <optional>
+#include <string>
+
 #include "cpu/cpu_features.h"
+#include "cpu/nowcast_dispatch.h"
 
 namespace py = pybind11;
 
@@ -23,4 +29,52 @@ PYBIND11_MODULE(_C, m) {
   }, "Instruction-set features of the running processor.");
   m.def("best_isa", &know::best_isa, "Best instruction set usable here.");
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+
+  m.def(
+      "nowcast",
+      [](uintptr_t rows, const std::string& in_dtype, int64_t n_rows, int S, uintptr_t packed,
+         int64_t packed_size, const std::string& norm, int steps, bool all_steps, uintptr_t out,
+         const std::string& out_dtype, int threads, const std::string& isa, int64_t row_begin,
+         std::optional<int64_t> row_end) {
+        know::NowcastArgs a;
+        a.rows = reinterpret_cast<const void*>(rows);
+        a.in_dtype = know::parse_dtype(in_dtype, "in_dtype");
+        a.n_rows = n_rows;
+        a.S = S;
+        a.packed = reinterpret_cast<const float*>(packed);
+        a.packed_size = packed_size;
+        a.norm = know::parse_norm(norm);
+        a.steps = steps;
+        a.all_steps = all_steps;
+        a.out = reinterpret_cast<void*>(out);
+        a.out_dtype = know::parse_dtype(out_dtype, "out_dtype");
+        a.threads = threads;
+        a.row_begin = row_begin;
+        a.row_end = row_end.value_or(n_rows);
+        know::nowcast(a, isa);
+      },
+      py::arg("rows"), py::arg("in_dtype"), py::arg("n_rows"), py::arg("S"), py::arg("packed"),
+      py::arg("packed_size"), py::arg("norm"), py::arg("steps"), py::arg("all_steps"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("threads"), py::arg("isa"),
+      py::arg("row_begin") = 0, py::arg("row_end") = py::none(),
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused KNOWN prediction of rows [row_begin, row_end) (default: all) of a contiguous "
+      "(n_rows, S) array at address rows, into out ((n_rows, steps) if all_steps else "
+      "(n_rows,)).  Addresses are raw pointers; see know_kernels/ops/nowcast_cpu.py.");
+  m.def("nowcast_tile_rows", &know::nowcast_tile_rows, py::arg("isa"),
+        "Rows per tile of the fused kernel for one instruction set.");
+  m.def("compiled_isas", &know::compiled_isas,
+        "Instruction sets the fused kernel was compiled for, best first.");
+  m.def("runnable_isas", &know::runnable_isas,
+        "Compiled instruction sets this processor can run, best first.");
+  m.def(
+      "vec_math",
+      [](const std::string& fn, uintptr_t x, uintptr_t y, int64_t n, const std::string& isa) {
+        know::vec_math(fn, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n,
+                       isa);
+      },
+      py::arg("fn"), py::arg("x"), py::arg("y"), py::arg("n"), py::arg("isa"),
+      py::call_guard<py::gil_scoped_release>(),
+      "y = fn(x) for n float32 values (fn: 'exp', 'exp2' or 'tanh') with the kernel's "
+      "vector math.");
 }

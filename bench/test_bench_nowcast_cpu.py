@@ -1,0 +1,58 @@
+"""pytest-benchmark: the eager reference and the fused CPU kernel on the same rows.
+
+    pytest bench/test_bench_nowcast_cpu.py --benchmark-only
+
+Not part of the default test run (pytest collects tests/ only).  Numbers for
+bench/RESULTS.md come from bench_nowcast_cpu.py, which also measures the matmul ceiling.
+"""
+import pytest
+import torch
+
+from know_kernels import KNOWNHead, nowcast
+from know_kernels.ops import nowcast_cpu
+
+pytest.importorskip("pytest_benchmark")
+
+N = 200_000
+S = 5
+FUSED, WHY = nowcast_cpu.available(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def head():
+    return KNOWNHead(S=S, norm="wnn", seed=0)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(N, 1, generator=g) * 0.05
+    return torch.cat([w0, w0 + torch.cumsum(torch.randn(N, S - 1, generator=g) * 1e-3, 1)], 1)
+
+
+def run(benchmark, rows, head, backend, steps):
+    out = torch.empty(rows.shape[0])
+    benchmark.extra_info.update(rows=rows.shape[0], steps=steps, threads=torch.get_num_threads())
+    benchmark.pedantic(nowcast, args=(rows, head),
+                       kwargs=dict(steps=steps, backend=backend, out=out), rounds=3,
+                       warmup_rounds=1)
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nowcast_float32(benchmark, rows, head, backend, steps):
+    if backend == "cpu" and not FUSED:
+        pytest.skip(f"fused CPU kernel absent: {WHY}")
+    benchmark.group = f"nowcast N={N:,} float32 steps={steps}"
+    out = run(benchmark, rows, head, backend, steps)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nowcast_bfloat16(benchmark, rows, head, backend):
+    if backend == "cpu" and not FUSED:
+        pytest.skip(f"fused CPU kernel absent: {WHY}")
+    benchmark.group = f"nowcast N={N:,} bfloat16 steps=1"
+    out = run(benchmark, rows.to(torch.bfloat16), head, backend, 1)
+    assert torch.isfinite(out).all()
