@@ -3,6 +3,7 @@ with CMake + Ninja.  Neither links against torch: the Python wrappers pass raw p
 so one build serves any torch release.  No -march=native: kernels pick their instruction
 set at run time.  Set KNOW_KERNELS_NO_EXT=1 to install the pure-Python package only."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("KNOW_KERNELS_NO_CUDA"):
             args.append("-DKNOW_WITH_CUDA=OFF")
+        elif NVCC:
+            args.append(f"-DCMAKE_CUDA_COMPILER={NVCC}")  # also when only CUDA_HOME names it
         if not (build_temp / "CMakeCache.txt").exists():
             subprocess.run(["cmake", str(ROOT / "csrc"), *args], cwd=build_temp, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
@@ -43,9 +46,22 @@ class CMakeBuild(build_ext):
                        cwd=build_temp, check=True)
 
 
+def _find_nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home) / "bin" / "nvcc" if home else None
+    return str(candidate) if candidate and candidate.is_file() else None
+
+
+NVCC = _find_nvcc()
+
 ext_modules = [] if os.environ.get("KNOW_KERNELS_NO_EXT") else [
     CMakeExtension("know_kernels._C", "_C"),
 ]
+if ext_modules and NVCC and not os.environ.get("KNOW_KERNELS_NO_CUDA"):
+    ext_modules.append(CMakeExtension("know_kernels._cuda", "_cuda"))
 
 setup(
     name="know-kernels",

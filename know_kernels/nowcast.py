@@ -37,6 +37,8 @@ def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool,
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS + ('auto',)}")
     if name == "reference":
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device visible to torch"
         return True, "plain PyTorch"
     try:
         module = _kernel_module(name)

@@ -16,10 +16,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
 def run(args) -> int:
     print(f"know-kernels {__version__}")
     print(f"python       {platform.python_version()} ({platform.machine()})")
@@ -39,8 +35,11 @@ def run(args) -> int:
         print(f"extension    know_kernels._C built (OpenMP threads: {_C.openmp_max_threads()})")
         print(f"CPU features {feats}; best ISA here: {_C.best_isa()}")
     print("backends:")
-    for device in _devices():
+    # "cuda" is listed even without a GPU so that each GPU backend says why it cannot run.
+    for device in ("cpu", "cuda"):
         for name in BACKENDS:
+            if (name, device) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
             ok, why = backend_status(name, device)
             print(f"  {name:<10} {device:<5} {'usable' if ok else 'unusable'}: {why}")
     return 0

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One pass on a CUDA machine: build both extensions, run the GPU tests, then the GPU
+# benchmarks.  Logs go to $OUT (or ./out) so that they survive a time-out; each step has
+# its own limit so that one slow step cannot take the rest with it.
+#   bash bench/gpu_check.sh            # everything (about 6 minutes on an H100/H200)
+#   STEPS="build tests" bash bench/gpu_check.sh
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PATH="$PATH:/usr/local/cuda/bin"
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-"build tests selftest full exp"}
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "=== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+git rev-parse --short HEAD 2>/dev/null
+TAIL=5 step build 240 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" $PY setup.py -q build_ext --inplace
+$PY -m know_kernels info | tail -8
+step selftest 60 $PY -m know_kernels selftest
+step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_nowcast_gpu.py tests/test_nowcast_api.py
+TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
+step exp 80 $PY bench/bench_nowcast_gpu.py --exp

@@ -1,0 +1,80 @@
+// know_kernels._cuda: the CUDA side of know-kernels.  Like _C it never links against
+// torch: the Python wrapper (know_kernels/ops/nowcast_cuda.py) validates tensors and hands
+// over device pointers and the caller's stream as integers.  The CUDA runtime is linked
+// statically, so the module imports on machines without a driver or GPU and says so
+// through runtime_status().
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "nowcast.cuh"
+
+namespace py = pybind11;
+using know::cuda::NowcastArgs;
+
+namespace {
+
+void check(const std::string& error) {
+  if (!error.empty()) throw std::runtime_error("know_kernels._cuda: " + error);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference)";
+  m.attr("MAX_WINDOW") = know::cuda::kMaxWindow;
+  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(know::cuda::kFloat32),
+                                   py::arg("bfloat16") = int(know::cuda::kBFloat16),
+                                   py::arg("float16") = int(know::cuda::kFloat16));
+  m.attr("EXP_MODES") = py::dict(py::arg("sfu") = int(know::cuda::kExpSfu),
+                                 py::arg("poly") = int(know::cuda::kExpPoly),
+                                 py::arg("mixed") = int(know::cuda::kExpMixed));
+  m.def("build_info", &know::cuda::build_info,
+        "CUDA runtime version and GPU architectures this module was compiled for.");
+  m.def("runtime_status", []() {
+    const auto s = know::cuda::runtime_status();
+    return py::make_tuple(s.device_count, s.message);
+  }, "(device_count, message): message says why when no device can be used.");
+  m.def("device_count", []() { return know::cuda::runtime_status().device_count; });
+  m.def("compute_capability", &know::cuda::compute_capability, py::arg("device"),
+        "major * 10 + minor of a device, or -1.");
+  m.def("nowcast",
+        [](std::uintptr_t rows, int rows_dtype, std::uintptr_t packed, std::uintptr_t out,
+           int out_dtype, std::int64_t n, int S, bool wnn, int steps, bool all_steps,
+           bool precise, int exp_mode, std::uintptr_t stream, int device) {
+          NowcastArgs a;
+          a.rows = rows;
+          a.rows_dtype = rows_dtype;
+          a.packed = packed;
+          a.out = out;
+          a.out_dtype = out_dtype;
+          a.n = n;
+          a.S = S;
+          a.wnn = wnn;
+          a.steps = steps;
+          a.all_steps = all_steps;
+          a.precise = precise;
+          a.exp_mode = exp_mode;
+          a.stream = stream;
+          a.device = device;
+          std::string error;
+          {
+            py::gil_scoped_release release;
+            error = know::cuda::nowcast(a);
+          }
+          check(error);
+        },
+        py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("steps"),
+        py::arg("all_steps"), py::arg("precise"), py::arg("exp_mode"), py::arg("stream"),
+        py::arg("device"),
+        "Queue the fused kernel on `stream`.  Pointers are device addresses.");
+  m.def("exp_throughput",
+        [](int exp_mode, std::uintptr_t out, std::int64_t threads, int iters,
+           std::uintptr_t stream, int device) {
+          check(know::cuda::exp_throughput(exp_mode, out, threads, iters, stream, device));
+        },
+        py::arg("exp_mode"), py::arg("out"), py::arg("threads"), py::arg("iters"),
+        py::arg("stream"), py::arg("device"),
+        "Queue the exp micro-benchmark: each thread evaluates 8 * iters exponentials.");
+}

@@ -1,0 +1,464 @@
+// KNOWN inference on the tensor cores: one fused, persistent kernel.
+//
+// Work split.  A block stages the packed head (packing.pack) into shared memory once, in
+// the order the m16n8k8 B fragments are read, so each lane fetches its two values of a
+// fragment with one 8-byte load.  Each warp then loops over tiles of kTileRows rows
+// (grid = SMs x resident blocks; tiles strided over all warps).  The four lanes of an MMA
+// quad own the same two rows of every 16-row slab, each keeping a private copy of both
+// windows (S values each), so normalisation, the window slide and the stores need no
+// communication beyond one quad reduction of the head's dot product.
+//
+// Per stream and 16 rows, in MMA fragments (all float32 accumulation):
+//   z = relu(inp @ g + gb)                        1 product
+//   v = z @ a2 + b2                               4
+//   for each 8 hidden units j:                    8 x (1 + 2 + 4)
+//     h = inp @ w1_j + b1_j,  b = z @ wb_j + bb_j,  c = z @ wc_j + bc_j
+//     v += (b * exp(c * h)) @ w2_j
+//   head += leaky_relu(v) . wo
+// Interleaving the 64 hidden units with the accumulation into v keeps only one 8-unit
+// slice of h, b, c alive, which is what lets kTileRows rows share each B fragment.
+//
+// C fragments become A fragments without shuffles: an accumulator holds columns (2t, 2t+1)
+// where an A operand wants k = (t, t+4), so the k index is permuted instead, and the
+// weight rows the product meets are staged in the same permuted order (perm_k below).
+//
+// Precision: "precise" splits both operands into TF32 big + small parts and sums three
+// products (3xTF32), which keeps the kernel within 1e-5 of float64; "fast" uses one TF32
+// product.  All other arithmetic is float32.
+#include <algorithm>
+
+#include "device.cuh"
+#include "nowcast.cuh"
+
+namespace know::cuda {
+namespace {
+
+constexpr int kHidden = 64, kBottleneck = 8, kOutHidden = 32;
+constexpr float kLeakySlope = 0.3f;
+constexpr float kWnnEps = 1e-8f + 1e-5f;
+constexpr int kWarps = 8;                  // warps per block
+constexpr int kSlabs = 2;                  // 16-row slabs per warp tile
+constexpr int kTileRows = 16 * kSlabs;
+constexpr int kFrag = 64;                  // floats per B fragment: 32 lanes x 2
+
+// B fragments of one stream, in staging order.
+constexpr int kFragG = 0;                  // g   (n x 8):   1 fragment
+constexpr int kFragW1 = 1;                 // w1  (n x 64):  8, one per hidden slice j
+constexpr int kFragWb = 9;                 // wb  (8 x 64):  8
+constexpr int kFragWc = 17;                // wc  (8 x 64):  8
+constexpr int kFragW2 = 25;                // w2  (64 x 32): 8 k-steps x 4 column tiles
+constexpr int kFragA2 = 57;                // a2  (8 x 32):  4
+constexpr int kFragsPerStream = 61;
+constexpr int kStreamFragFloats = kFragsPerStream * kFrag;
+
+// Per-stream vectors kept as plain float32 in shared memory.
+constexpr int kVecB1 = 0, kVecGb = 64, kVecBb = 72, kVecBc = 136, kVecB2 = 200, kVecWo = 232;
+constexpr int kStreamVecFloats = 264;
+
+constexpr int smem_floats(bool precise) {
+  return (precise ? 4 : 2) * kStreamFragFloats + 2 * kStreamVecFloats + 4;
+}
+
+struct Params {
+  const void* rows;
+  int rows_dtype;
+  const float* packed;
+  void* out;
+  int out_dtype;
+  std::int64_t n;
+  int S;
+  bool wnn;
+  int steps;
+  bool all_steps;
+};
+
+// Offsets of one stream's folded tensors in the packed vector (layout: packing.py).
+struct StreamLayout {
+  int w1, b1, g, gb, wb, bb, wc, bc, w2, a2, b2;
+};
+
+__device__ __forceinline__ int stream_size(int n) {
+  return n * kHidden + kHidden + n * kBottleneck + kBottleneck +
+         2 * (kBottleneck * kHidden + kHidden) + kHidden * kOutHidden +
+         kBottleneck * kOutHidden + kOutHidden;
+}
+
+__device__ __forceinline__ StreamLayout stream_layout(int base, int n) {
+  StreamLayout s;
+  s.w1 = base;
+  s.b1 = s.w1 + n * kHidden;
+  s.g = s.b1 + kHidden;
+  s.gb = s.g + n * kBottleneck;
+  s.wb = s.gb + kBottleneck;
+  s.bb = s.wb + kBottleneck * kHidden;
+  s.wc = s.bb + kHidden;
+  s.bc = s.wc + kBottleneck * kHidden;
+  s.w2 = s.bc + kHidden;
+  s.a2 = s.w2 + kHidden * kOutHidden;
+  s.b2 = s.a2 + kBottleneck * kOutHidden;
+  return s;
+}
+
+// Row of the weight matrix that k index kk of an A fragment built from an accumulator
+// meets: k = t holds accumulator column 2t, k = t + 4 holds column 2t + 1.
+__device__ __forceinline__ int perm_k(int kk) { return kk < 4 ? 2 * kk : 2 * (kk - 4) + 1; }
+
+// Element (lane, half) of B fragment `frag` of a stream: B[k][col] with k = t + 4 * half,
+// col = groupID, read from the packed head (zero past the n input rows).
+__device__ float fragment_value(const float* packed, const StreamLayout& s, int n, int frag,
+                                int lane, int half) {
+  const int col = lane >> 2;
+  const int kk = (lane & 3) + 4 * half;
+  if (frag < kFragW1) return kk < n ? packed[s.g + kk * kBottleneck + col] : 0.0f;
+  if (frag < kFragWb) {
+    const int c = 8 * (frag - kFragW1) + col;
+    return kk < n ? packed[s.w1 + kk * kHidden + c] : 0.0f;
+  }
+  if (frag < kFragWc) return packed[s.wb + perm_k(kk) * kHidden + 8 * (frag - kFragWb) + col];
+  if (frag < kFragW2) return packed[s.wc + perm_k(kk) * kHidden + 8 * (frag - kFragWc) + col];
+  if (frag < kFragA2) {
+    const int j = (frag - kFragW2) / 4, tile = (frag - kFragW2) % 4;
+    return packed[s.w2 + (8 * j + perm_k(kk)) * kOutHidden + 8 * tile + col];
+  }
+  return packed[s.a2 + perm_k(kk) * kOutHidden + 8 * (frag - kFragA2) + col];
+}
+
+template <bool kPrecise>
+__device__ void stage_weights(float* smem, const float* packed, int S) {
+  const StreamLayout layout[2] = {stream_layout(0, S), stream_layout(stream_size(S), S - 1)};
+  float* big = smem;
+  float* small = smem + 2 * kStreamFragFloats;
+  for (int i = threadIdx.x; i < 2 * kStreamFragFloats; i += blockDim.x) {
+    const int stream = i / kStreamFragFloats, r = i % kStreamFragFloats;
+    const int e = r % kFrag;
+    const float v = fragment_value(packed, layout[stream], S - stream, r / kFrag, e >> 1, e & 1);
+    const std::uint32_t hi = to_tf32(v);
+    big[i] = as_float(hi);
+    if (kPrecise) small[i] = as_float(to_tf32(v - as_float(hi)));
+  }
+  float* vec = smem + (kPrecise ? 4 : 2) * kStreamFragFloats;
+  const int wo = 2 * stream_size(S) - kHidden - kBottleneck;
+  for (int i = threadIdx.x; i < 2 * kStreamVecFloats; i += blockDim.x) {
+    const int stream = i / kStreamVecFloats, r = i % kStreamVecFloats;
+    const StreamLayout& s = layout[stream];
+    float v;
+    if (r < kVecGb) v = packed[s.b1 + r];
+    else if (r < kVecBb) v = packed[s.gb + r - kVecGb];
+    else if (r < kVecBc) v = packed[s.bb + r - kVecBb];
+    else if (r < kVecB2) v = packed[s.bc + r - kVecBc];
+    else if (r < kVecWo) v = packed[s.b2 + r - kVecB2];
+    else v = packed[wo + kOutHidden * stream + r - kVecWo];
+    vec[i] = v;
+  }
+  if (threadIdx.x == 0) vec[2 * kStreamVecFloats] = packed[wo + 2 * kOutHidden];
+  __syncthreads();
+}
+
+struct AFrag {
+  std::uint32_t big[4];
+  std::uint32_t small[4];
+};
+struct BFrag {
+  std::uint32_t big[2];
+  std::uint32_t small[2];
+};
+
+template <bool kPrecise>
+__device__ __forceinline__ AFrag split(float a0, float a1, float a2, float a3) {
+  AFrag f;
+  const float a[4] = {a0, a1, a2, a3};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f.big[i] = to_tf32(a[i]);
+    if (kPrecise) f.small[i] = to_tf32(a[i] - as_float(f.big[i]));
+  }
+  return f;
+}
+
+template <bool kPrecise>
+__device__ __forceinline__ BFrag load_b(const float* big, const float* small, int frag,
+                                        int lane) {
+  BFrag b;
+  const float2 hi = reinterpret_cast<const float2*>(big + frag * kFrag)[lane];
+  b.big[0] = __float_as_uint(hi.x);
+  b.big[1] = __float_as_uint(hi.y);
+  if (kPrecise) {
+    const float2 lo = reinterpret_cast<const float2*>(small + frag * kFrag)[lane];
+    b.small[0] = __float_as_uint(lo.x);
+    b.small[1] = __float_as_uint(lo.y);
+  }
+  return b;
+}
+
+// d += a * b; the small cross terms go first so they are not lost behind the big one.
+template <bool kPrecise>
+__device__ __forceinline__ void mma(float (&d)[4], const AFrag& a, const BFrag& b) {
+  if (kPrecise) {
+    mma_tf32(d, a.small, b.big);
+    mma_tf32(d, a.big, b.small);
+  }
+  mma_tf32(d, a.big, b.big);
+}
+
+// One stream for the warp's kSlabs slabs of 16 rows; adds each lane's share of the head's
+// dot product to head[slab][row half].
+template <bool kPrecise, int kExp>
+__device__ __forceinline__ void run_stream(const float* big, const float* small,
+                                           const float* vec, const AFrag (&inp)[kSlabs],
+                                           float (&head)[kSlabs][2], int lane) {
+  const int t = lane & 3;
+  AFrag za[kSlabs];
+  {
+    const BFrag bg = load_b<kPrecise>(big, small, kFragG, lane);
+    const float gb0 = vec[kVecGb + 2 * t], gb1 = vec[kVecGb + 2 * t + 1];
+#pragma unroll
+    for (int m = 0; m < kSlabs; ++m) {
+      float z[4] = {gb0, gb1, gb0, gb1};
+      mma<kPrecise>(z, inp[m], bg);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) z[i] = fmaxf(z[i], 0.0f);
+      za[m] = split<kPrecise>(z[0], z[2], z[1], z[3]);
+    }
+  }
+  float v[kSlabs][4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const BFrag ba = load_b<kPrecise>(big, small, kFragA2 + nt, lane);
+    const float b0 = vec[kVecB2 + 8 * nt + 2 * t], b1 = vec[kVecB2 + 8 * nt + 2 * t + 1];
+#pragma unroll
+    for (int m = 0; m < kSlabs; ++m) {
+      v[m][nt][0] = b0;
+      v[m][nt][1] = b1;
+      v[m][nt][2] = b0;
+      v[m][nt][3] = b1;
+      mma<kPrecise>(v[m][nt], za[m], ba);
+    }
+  }
+  // Hidden slices in pairs: the pair loop stays rolled (registers), the pair is unrolled
+  // so that kExpMixed knows each slice's exp flavour at compile time.
+#pragma unroll 1
+  for (int jj = 0; jj < 8; jj += 2) {
+#pragma unroll
+    for (int odd = 0; odd < 2; ++odd) {
+      const int j = jj + odd;
+      const BFrag bw1 = load_b<kPrecise>(big, small, kFragW1 + j, lane);
+      const BFrag bwb = load_b<kPrecise>(big, small, kFragWb + j, lane);
+      const BFrag bwc = load_b<kPrecise>(big, small, kFragWc + j, lane);
+      const int col = 8 * j + 2 * t;
+      const float h0 = vec[kVecB1 + col], h1 = vec[kVecB1 + col + 1];
+      const float bb0 = vec[kVecBb + col], bb1 = vec[kVecBb + col + 1];
+      const float bc0 = vec[kVecBc + col], bc1 = vec[kVecBc + col + 1];
+#pragma unroll
+      for (int m = 0; m < kSlabs; ++m) {
+        float h[4] = {h0, h1, h0, h1};
+        float b[4] = {bb0, bb1, bb0, bb1};
+        float c[4] = {bc0, bc1, bc0, bc1};
+        mma<kPrecise>(h, inp[m], bw1);
+        mma<kPrecise>(b, za[m], bwb);
+        mma<kPrecise>(c, za[m], bwc);
+        float prod[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) prod[i] = b[i] * exp_by_mode<kExp>(c[i] * h[i], odd);
+        const AFrag pa = split<kPrecise>(prod[0], prod[2], prod[1], prod[3]);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          mma<kPrecise>(v[m][nt], pa, load_b<kPrecise>(big, small, kFragW2 + 4 * j + nt, lane));
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const float wo0 = vec[kVecWo + 8 * nt + 2 * t], wo1 = vec[kVecWo + 8 * nt + 2 * t + 1];
+#pragma unroll
+    for (int m = 0; m < kSlabs; ++m) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float x = v[m][nt][i];
+        const float u = x >= 0.0f ? x : kLeakySlope * x;
+        head[m][i >> 1] = fmaf(u, (i & 1) ? wo1 : wo0, head[m][i >> 1]);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float load_value(const void* rows, int dtype, std::int64_t i) {
+  if (dtype == kBFloat16) return bfloat16_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
+  if (dtype == kFloat16) return half_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
+  return __ldg(static_cast<const float*>(rows) + i);
+}
+
+__device__ __forceinline__ void store_value(void* out, int dtype, std::int64_t i, float v) {
+  if (dtype == kBFloat16) static_cast<std::uint16_t*>(out)[i] = float_to_bfloat16(v);
+  else if (dtype == kFloat16) static_cast<std::uint16_t*>(out)[i] = float_to_half(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+// w[idx] with a run-time index, without sending the window to local memory.
+__device__ __forceinline__ float pick(const float (&w)[kMaxWindow], int idx) {
+  float r = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxWindow; ++j) r = (j == idx) ? w[j] : r;
+  return r;
+}
+
+template <bool kPrecise, int kExp>
+__global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
+  KNOW_DYNAMIC_SHARED(smem);
+  stage_weights<kPrecise>(smem, p.packed, p.S);
+  const float* big = smem;
+  const float* small = smem + 2 * kStreamFragFloats;
+  const float* vec = smem + (kPrecise ? 4 : 2) * kStreamFragFloats;
+  const float bo = vec[2 * kStreamVecFloats];
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int S = p.S;
+  const std::int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kWarps;
+  for (std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+       tile < tiles; tile += stride) {
+    // Rows g and g + 8 of each slab, and their windows.
+    std::int64_t row[kSlabs][2];
+    float w[kSlabs][2][kMaxWindow];
+#pragma unroll
+    for (int m = 0; m < kSlabs; ++m) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        row[m][hh] = tile * kTileRows + 16 * m + 8 * hh + g;
+        const bool ok = row[m][hh] < p.n;
+#pragma unroll
+        for (int j = 0; j < kMaxWindow; ++j) {
+          w[m][hh][j] = (ok && j < S) ? load_value(p.rows, p.rows_dtype, row[m][hh] * S + j) : 0.0f;
+        }
+      }
+    }
+    for (int step = 0; step < p.steps; ++step) {
+      float scale[kSlabs][2], shift[kSlabs][2], last[kSlabs][2];
+      AFrag ax[kSlabs], ad[kSlabs];
+#pragma unroll
+      for (int m = 0; m < kSlabs; ++m) {
+        float xv[2][4], dv[2][4];  // per row half: x at k = t, t + 4 and d at k = t, t + 4
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float(&wr)[kMaxWindow] = w[m][hh];
+          float lo = 0.0f, hi = 0.0f;
+          if (p.wnn) {
+            shift[m][hh] = wr[0];
+#pragma unroll
+            for (int j = 1; j < kMaxWindow; ++j) {
+              if (j < S) {
+                lo = fminf(lo, wr[j] - wr[0]);
+                hi = fmaxf(hi, wr[j] - wr[0]);
+              }
+            }
+            scale[m][hh] = 2.0f * ((hi - lo) + kWnnEps);
+          } else {
+            shift[m][hh] = 0.0f;
+            scale[m][hh] = 1.0f;
+          }
+          const float sh = shift[m][hh], sc = scale[m][hh];
+          // x_j for j = t, t+1, t+4, t+5 (0 past the window), from which d_t and d_{t+4}.
+          const auto x = [&](int j) { return j < S ? (pick(wr, j) - sh) / sc : 0.0f; };
+          const float x0 = x(t), x1 = x(t + 1), x4 = x(t + 4), x5 = x(t + 5);
+          xv[hh][0] = x0;
+          xv[hh][1] = x4;
+          dv[hh][0] = t < S - 1 ? x1 - x0 : 0.0f;
+          dv[hh][1] = t + 4 < S - 1 ? x5 - x4 : 0.0f;
+          last[m][hh] = x(S - 1);
+        }
+        ax[m] = split<kPrecise>(xv[0][0], xv[1][0], xv[0][1], xv[1][1]);
+        ad[m] = split<kPrecise>(dv[0][0], dv[1][0], dv[0][1], dv[1][1]);
+      }
+
+      float head[kSlabs][2] = {};
+      run_stream<kPrecise, kExp>(big, small, vec, ax, head, lane);
+      run_stream<kPrecise, kExp>(big + kStreamFragFloats, small + kStreamFragFloats,
+                                 vec + kStreamVecFloats, ad, head, lane);
+
+      const bool store = p.all_steps || step == p.steps - 1;
+#pragma unroll
+      for (int m = 0; m < kSlabs; ++m) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          // Every lane of the quad gets the same sum (float addition is commutative), so
+          // the four private copies of the window stay identical.
+          float y = head[m][hh];
+          y += __shfl_xor_sync(0xffffffffu, y, 1);
+          y += __shfl_xor_sync(0xffffffffu, y, 2);
+          const float pred = (last[m][hh] + tanhf(y + bo)) * scale[m][hh] + shift[m][hh];
+          if (store && t == hh && row[m][hh] < p.n) {
+            const std::int64_t at = p.all_steps ? row[m][hh] * p.steps + step : row[m][hh];
+            store_value(p.out, p.out_dtype, at, pred);
+          }
+          float(&wr)[kMaxWindow] = w[m][hh];
+#pragma unroll
+          for (int j = 0; j < kMaxWindow; ++j) {
+            wr[j] = j < S - 1 ? (j + 1 < kMaxWindow ? wr[j + 1] : 0.0f) : (j == S - 1 ? pred : 0.0f);
+          }
+        }
+      }
+    }
+  }
+}
+
+using Kernel = void (*)(Params);
+
+template <bool kPrecise>
+Kernel pick_kernel(int exp_mode) {
+  if (exp_mode == kExpSfu) return nowcast_kernel<kPrecise, kExpSfu>;
+  if (exp_mode == kExpPoly) return nowcast_kernel<kPrecise, kExpPoly>;
+  return nowcast_kernel<kPrecise, kExpMixed>;
+}
+
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+}  // namespace
+
+std::string nowcast(const NowcastArgs& a) {
+  if (a.S < 2 || a.S > kMaxWindow) {
+    return "S must be in [2, " + std::to_string(kMaxWindow) + "], got " + std::to_string(a.S);
+  }
+  if (a.steps < 1) return "steps must be >= 1, got " + std::to_string(a.steps);
+  if (a.n < 0) return "n must be >= 0, got " + std::to_string(a.n);
+  for (int dt : {a.rows_dtype, a.out_dtype}) {
+    if (dt != kFloat32 && dt != kBFloat16 && dt != kFloat16) {
+      return "unknown dtype code " + std::to_string(dt);
+    }
+  }
+  if (a.exp_mode != kExpSfu && a.exp_mode != kExpPoly && a.exp_mode != kExpMixed) {
+    return "unknown exp_mode " + std::to_string(a.exp_mode);
+  }
+  if (a.n == 0) return "";
+  if (!a.rows || !a.packed || !a.out) return "null device pointer";
+
+  cudaError_t err = cudaSetDevice(a.device);
+  if (err != cudaSuccess) return cuda_error("cudaSetDevice", err);
+  const Kernel kernel = a.precise ? pick_kernel<true>(a.exp_mode) : pick_kernel<false>(a.exp_mode);
+  const std::size_t smem = sizeof(float) * smem_floats(a.precise);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute", err);
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device);
+  if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", err);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem);
+  if (err != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
+  if (per_sm < 1) return "the kernel does not fit on this device (shared memory or registers)";
+  const std::int64_t tiles = (a.n + kTileRows - 1) / kTileRows;
+  const std::int64_t wanted = (tiles + kWarps - 1) / kWarps;
+  const int blocks = static_cast<int>(std::min<std::int64_t>(wanted, std::int64_t{sms} * per_sm));
+
+  const Params p{reinterpret_cast<const void*>(a.rows), a.rows_dtype,
+                 reinterpret_cast<const float*>(a.packed), reinterpret_cast<void*>(a.out),
+                 a.out_dtype, a.n, a.S, a.wnn, a.steps, a.all_steps};
+  launch_kernel(kernel, dim3(blocks), dim3(kWarps * 32), smem,
+                reinterpret_cast<cudaStream_t>(a.stream), p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_error("kernel launch", err);
+  return "";
+}
+
+}  // namespace know::cuda

@@ -1,0 +1,109 @@
+"""The ``cuda`` backend of ``nowcast``: the tensor-core kernel of ``know_kernels._cuda``
+(csrc/cuda/nowcast.cu).  That module links no torch: this wrapper validates the tensors
+and hands over device pointers and the current torch stream.
+
+``mode`` picks the products' precision: ``"precise"`` (default) splits every float32
+operand into two TF32 parts and sums three tensor-core products (3xTF32), which meets
+the test suite's 1e-5 bound; ``"fast"`` uses one TF32 product (operands rounded to
+nearest at 10 mantissa bits: relative error 1e-6 to 6e-5 against float64 when the
+rounding is emulated on the CPU, ``bench/bench_nowcast_gpu.py --tf32-estimate``; the GPU
+tests allow 1e-3).  ``exp`` picks how the 128 exponentials per row are computed:
+``"sfu"`` (ex2.approx on the special-function units), ``"poly"`` (a degree-6 polynomial
+on the FMA pipes) or ``"mixed"`` (half each, default: the SFUs alone, 16 results per SM
+and clock, can bound the fast mode).  ``bench/bench_nowcast_gpu.py --exp`` measures them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..packing import packed_size
+from ..reference import check_norm
+
+try:
+    from .. import _cuda
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # built without nvcc, or a broken build
+    _cuda = None
+    _IMPORT_ERROR = str(exc)
+
+MODES = ("precise", "fast")
+EXP_MODES = ("sfu", "poly", "mixed")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MIN_CAPABILITY = (8, 0)  # mma.sync with TF32 operands
+
+
+def module():
+    """The compiled module, or a RuntimeError saying why there is none."""
+    if _cuda is None:
+        raise RuntimeError(f"know_kernels._cuda is not built ({_IMPORT_ERROR}); install with "
+                           f"nvcc on PATH (or CUDA_HOME set) to build it")
+    return _cuda
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if _cuda is None:
+        return False, f"know_kernels._cuda is not built ({_IMPORT_ERROR})"
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA tensors, not {device.type}"
+    count, why = _cuda.runtime_status()
+    if count == 0:
+        return False, f"no CUDA device usable by know_kernels._cuda ({why})"
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device (a CPU-only torch build?)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= count:
+        return False, f"device cuda:{index} does not exist ({count} device(s))"
+    cc = _cuda.compute_capability(index)
+    if cc < 10 * MIN_CAPABILITY[0] + MIN_CAPABILITY[1]:
+        return False, (f"cuda:{index} has compute capability {cc // 10}.{cc % 10}; the kernel "
+                       f"needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    return True, f"tensor-core kernel ({_cuda.build_info()})"
+
+
+def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
+        out: torch.Tensor, threads: Optional[int] = None, mode: str = "precise",
+        exp: str = "mixed") -> None:
+    """Backend entry point (see ``know_kernels.nowcast``); ``threads`` is a CPU-backend
+    notion and is ignored; ``mode`` and ``exp`` are described in the module docstring."""
+    del threads
+    C = module()
+    check_norm(norm)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if exp not in EXP_MODES:
+        raise ValueError(f"exp must be one of {EXP_MODES}, got {exp!r}")
+    for name, t in (("rows", rows), ("packed", packed), ("out", out)):
+        if t.device.type != "cuda" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CUDA tensor, got {t.device} "
+                             f"(contiguous={t.is_contiguous()})")
+        if t.device != rows.device:
+            raise ValueError(f"{name} is on {t.device} but rows are on {rows.device}")
+    if rows.dim() != 2 or rows.shape[1] != S:
+        raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
+    if not 2 <= S <= C.MAX_WINDOW:
+        raise ValueError(f"the cuda backend takes 2 <= S <= {C.MAX_WINDOW}, got S={S}")
+    if rows.dtype not in DTYPE_NAMES:
+        raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
+    if out.dtype not in DTYPE_NAMES:
+        raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
+    if packed.dtype != torch.float32 or packed.numel() != packed_size(S):
+        raise ValueError(f"packed must be the float32 packed head ({packed_size(S)} values), "
+                         f"got {packed.numel()} {packed.dtype}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    n = rows.shape[0]
+    if tuple(out.shape) not in ((n, steps), (n,)):
+        raise ValueError(f"out must be ({n}, {steps}) or ({n},), got {tuple(out.shape)}")
+    if n == 0:
+        return
+    ok, why = available(rows.device)
+    if not ok:
+        raise RuntimeError(f"cuda backend cannot run on {rows.device}: {why}")
+    codes = C.DTYPE_CODES
+    C.nowcast(rows.data_ptr(), codes[DTYPE_NAMES[rows.dtype]], packed.data_ptr(),
+              out.data_ptr(), codes[DTYPE_NAMES[out.dtype]], n, S, norm == "wnn", steps,
+              out.dim() == 2, mode == "precise", C.EXP_MODES[exp],
+              torch.cuda.current_stream(rows.device).cuda_stream, rows.device.index)

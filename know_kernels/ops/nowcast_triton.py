@@ -1,0 +1,294 @@
+"""Triton backend of ``nowcast``: one fused kernel, a block of rows per program.
+
+Each program loads ``BLOCK_M`` rows and keeps everything in registers: normalisation,
+both streams (six small products on ``tl.dot``), the learned exp, LeakyReLU, the tanh
+head, de-normalisation and, for ``steps > 1``, the window slide.  The head's folded
+weights (``packing.pack``) are read as zero-padded tiles whose every dimension is at least
+16 (what ``tl.dot`` accepts), the 64 hidden units ``HCHUNK`` at a time.  Inputs may be
+float32, bfloat16 or float16; all arithmetic is float32.  ``BLOCK_M``, ``HCHUNK``,
+``num_warps`` and ``num_stages`` are autotuned per power of two of N.
+
+``input_precision`` picks how ``tl.dot`` treats its float32 operands:
+
+* ``"ieee"`` (default): exact float32 products; meets the 1e-5 bound of the test suite.
+* ``"tf32x3"``: three TF32 tensor-core products (big*big + big*small + small*big), close
+  to float32 accuracy at tensor-core speed.
+* ``"tf32"``: one TF32 product, operands truncated to 10 mantissa bits; fastest.  The
+  Triton interpreter does not emulate TF32, so its accuracy was estimated by emulating
+  the rounding in PyTorch (``bench/bench_nowcast_gpu.py --tf32-estimate``): relative error
+  1e-5 to 6e-4 against float64 for untrained heads, 3 steps; tf32x3 stays at 1e-7.  The GPU
+  tests hold "tf32" to 3e-3 and "tf32x3" to 1e-5.
+
+The two products that only move values around (the window shift and the differences of
+the d stream) always run in ``"ieee"``: they multiply by 0 and 1, which is exact there,
+whereas TF32 would round the raw snapshots before subtracting them.
+
+The Triton interpreter (``TRITON_INTERPRET=1``) runs the same kernel on CPU tensors.
+Triton reads that variable whenever ``triton.jit`` wraps a function, including the
+functions of its own library (``tl.sum``, ``tl.zeros`` ...) when ``triton.language`` is
+first imported, and a kernel only runs if it and that library were wrapped the same way.
+So the variable must be set before triton is first imported; ``available`` reports a
+process where it changed afterwards, and the kernel itself is wrapped lazily, in the mode
+of the library.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..packing import packed_size
+from ..reference import BOTTLENECK, HIDDEN, LEAKY_SLOPE, OUT_HIDDEN, WNN_EPS, check_norm
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the module stays importable so `available` can say why
+    triton = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The interpreter gets one fixed configuration (autotuning there would only cost time).
+INTERPRET_BLOCK_M = 32
+INTERPRET_NUM_WARPS = 4
+INTERPRET_HCHUNK = 32
+MIN_DOT = 16  # smallest tile dimension tl.dot accepts
+
+if triton is not None:
+    # The kernel reads its layout constants as constexpr globals (plain globals are
+    # refused inside a Triton function).
+    _HID = tl.constexpr(HIDDEN)
+    _BOT = tl.constexpr(BOTTLENECK)
+    _OUT = tl.constexpr(OUT_HIDDEN)
+    _PAD = tl.constexpr(MIN_DOT)
+    _SLOPE = tl.constexpr(LEAKY_SLOPE)
+    _EPS = tl.constexpr(WNN_EPS)
+
+
+def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
+                    S: tl.constexpr, KP: tl.constexpr, WNN: tl.constexpr,
+                    ALL_STEPS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HCHUNK: tl.constexpr):
+    # n_bucket only keys the autotuner (one tuning per power of two of N).
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = row < N
+    col = tl.arange(0, KP)[None, :]
+    valid = col < S
+    w = tl.load(rows_ptr + row[:, None] * S + col, mask=row_ok[:, None] & valid,
+                other=0.0).to(tl.float32)
+    # shift[i, j] = 1 where i == j + 1, so (v @ shift)[:, j] = v[:, j + 1].
+    shift = tl.where(tl.arange(0, KP)[:, None] == col + 1, 1.0, 0.0)
+
+    r = tl.arange(0, KP)[:, None]           # rows of the input-side weights
+    rb = tl.arange(0, _PAD)[:, None]        # rows of the bottleneck-side weights
+    cb = tl.arange(0, _PAD)[None, :]        # bottleneck columns, padded
+    co = tl.arange(0, _OUT)[None, :]
+    # Packed layout: stream x's block (n = S), stream d's (n = S - 1), wo (2 x 32), bo.
+    SIZE_X: tl.constexpr = (S * _HID + _HID + S * _BOT + _BOT + 2 * (_BOT * _HID + _HID)
+                            + _HID * _OUT + _BOT * _OUT + _OUT)
+    O_WO: tl.constexpr = 2 * SIZE_X - _HID - _BOT
+    bo = tl.load(packed_ptr + O_WO + 2 * _OUT)
+
+    pred = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(steps):
+        if WNN:
+            m0 = tl.sum(tl.where(col == 0, w, 0.0), axis=1)
+            xs = w - m0[:, None]
+            span = (tl.max(tl.where(valid, xs, -float("inf")), axis=1)
+                    - tl.min(tl.where(valid, xs, float("inf")), axis=1))
+            scale = 2.0 * (span + _EPS)
+            x = tl.where(valid, xs / scale[:, None], 0.0)
+        else:
+            x = w
+        d = tl.where(col < S - 1, tl.dot(x, shift, input_precision="ieee") - x, 0.0)
+
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32) + bo
+        for si in tl.static_range(2):
+            if si == 0:
+                inp = x
+            else:
+                inp = d
+            n_in = S - si
+            base = si * SIZE_X
+            o_b1 = base + n_in * _HID
+            o_g = o_b1 + _HID
+            o_gb = o_g + n_in * _BOT
+            o_wb = o_gb + _BOT
+            o_bb = o_wb + _BOT * _HID
+            o_wc = o_bb + _HID
+            o_bc = o_wc + _BOT * _HID
+            o_w2 = o_bc + _HID
+            o_a2 = o_w2 + _HID * _OUT
+            o_b2 = o_a2 + _BOT * _OUT
+            o_wo = O_WO + si * _OUT
+            g = tl.load(packed_ptr + o_g + r * _BOT + cb, mask=(r < n_in) & (cb < _BOT), other=0.0)
+            gb = tl.load(packed_ptr + o_gb + cb, mask=cb < _BOT, other=0.0)
+            a2 = tl.load(packed_ptr + o_a2 + rb * _OUT + co, mask=rb < _BOT, other=0.0)
+            b2 = tl.load(packed_ptr + o_b2 + co)
+            # Padded bottleneck columns stay exactly 0: relu(0 @ ... + 0).
+            z = tl.maximum(tl.dot(inp, g, input_precision=PRECISION) + gb, 0.0)
+            v = tl.dot(z, a2, input_precision=PRECISION) + b2
+            # The 64 hidden units go HCHUNK at a time through a runtime loop: only one
+            # chunk's weights are live (an MMA's B operand is held whole by every warp),
+            # and the loop keeps the compiler from hoisting every weight out of the
+            # steps loop into registers.
+            for c0 in range(0, _HID, HCHUNK):
+                cc = c0 + tl.arange(0, HCHUNK)[None, :]
+                w1 = tl.load(packed_ptr + base + r * _HID + cc, mask=r < n_in, other=0.0)
+                wb = tl.load(packed_ptr + o_wb + rb * _HID + cc, mask=rb < _BOT, other=0.0)
+                wc = tl.load(packed_ptr + o_wc + rb * _HID + cc, mask=rb < _BOT, other=0.0)
+                w2 = tl.load(packed_ptr + o_w2 + (c0 + tl.arange(0, HCHUNK))[:, None] * _OUT + co)
+                h = tl.dot(inp, w1, input_precision=PRECISION) + tl.load(packed_ptr + o_b1 + cc)
+                b = tl.dot(z, wb, input_precision=PRECISION) + tl.load(packed_ptr + o_bb + cc)
+                c = tl.dot(z, wc, input_precision=PRECISION) + tl.load(packed_ptr + o_bc + cc)
+                v = tl.dot(b * tl.exp(c * h), w2, v, input_precision=PRECISION)
+            u = tl.where(v >= 0.0, v, _SLOPE * v)
+            wo = tl.load(packed_ptr + o_wo + co)
+            acc += tl.sum(u * wo, axis=1)
+
+        # tanh(y) = sign(y) (1 - t) / (1 + t), t = exp(-2|y|): no overflow for any y, and
+        # its absolute error (~1e-7) is what matters once x_last is added.
+        t = tl.exp(-2.0 * tl.abs(acc))
+        out = (1.0 - t) / (1.0 + t)
+        out = tl.where(acc < 0.0, -out, out)
+        last = tl.sum(tl.where(col == S - 1, x, 0.0), axis=1)
+        if WNN:
+            pred = (last + out) * scale + m0
+        else:
+            pred = last + out
+        if ALL_STEPS:
+            tl.store(out_ptr + row * steps + k, pred.to(out_ptr.dtype.element_ty), mask=row_ok)
+        # Slide: [w_1 .. w_{S-1}, pred]; columns past S stay 0.
+        w = tl.where(col == S - 1, pred[:, None], tl.dot(w, shift, input_precision="ieee"))
+    if not ALL_STEPS:
+        tl.store(out_ptr + row, pred.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def interpreting() -> bool:
+    """Whether triton was imported in interpreter mode (``TRITON_INTERPRET=1`` then)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+def _interpret_env() -> bool:
+    """TRITON_INTERPRET as Triton reads it now (through ``triton.knobs`` where it exists)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _mode_problem() -> str:
+    """Why kernels cannot run in this process's interpreter setting ('' when they can)."""
+    env = _interpret_env()
+    if env != interpreting():
+        return (f"TRITON_INTERPRET is {'set' if env else 'unset'} now but was "
+                f"{'set' if interpreting() else 'unset'} when triton was imported; set it "
+                f"before triton is first imported")
+    return ""
+
+
+# (BLOCK_M, HCHUNK, num_warps, num_stages), picked with ptxas -v for sm_80 and sm_90:
+# these use 190-250 registers and at most a few tens of bytes of spills in some precisions;
+# BLOCK_M = 256, or 128 with 4 warps, spill hundreds of bytes.
+AUTOTUNE_CONFIGS = (
+    (64, 16, 4, 1), (64, 32, 4, 1), (128, 16, 8, 1), (128, 32, 8, 1), (128, 16, 8, 2),
+)
+
+
+def _autotune_configs():
+    return [triton.Config({"BLOCK_M": block_m, "HCHUNK": chunk}, num_warps=warps,
+                          num_stages=stages)
+            for block_m, chunk, warps, stages in AUTOTUNE_CONFIGS]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """The kernel, wrapped on first use in the library's mode (see the module docstring)."""
+    kernel = triton.jit(_nowcast_kernel)
+    if interpreting():
+        return kernel
+    return triton.autotune(_autotune_configs(),
+                           key=["n_bucket", "S", "WNN", "ALL_STEPS", "PRECISION"])(kernel)
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    if triton is None:
+        return False, f"triton is not importable ({_IMPORT_ERROR})"
+    problem = _mode_problem()
+    if problem:
+        return False, problem
+    device = torch.device(device)
+    if device.type == "cuda" and interpreting():
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible to torch"
+        return True, f"triton {triton.__version__}"
+    if device.type == "cpu":
+        if interpreting():
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+        return False, ("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set "
+                       "before triton is imported)")
+    return False, f"device type {device.type!r} is not supported by the triton backend"
+
+
+def _pad_dim(S: int) -> int:
+    return max(MIN_DOT, 1 << (S - 1).bit_length())
+
+
+def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
+        out: torch.Tensor, threads: Optional[int] = None,
+        input_precision: str = "ieee") -> None:
+    """Backend entry point (see ``know_kernels.nowcast``).  ``threads`` is a CPU-backend
+    notion and is ignored; ``input_precision`` is described in the module docstring."""
+    del threads
+    check_norm(norm)
+    if triton is None:
+        raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR})")
+    if input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+    if rows.dim() != 2 or rows.shape[1] != S or not rows.is_contiguous():
+        raise ValueError(f"rows must be a contiguous (N, {S}) tensor, got "
+                         f"{tuple(rows.shape)} (contiguous={rows.is_contiguous()})")
+    if rows.dtype not in DTYPES:
+        raise TypeError(f"rows dtype must be one of {DTYPES}, got {rows.dtype}")
+    if (packed.dtype != torch.float32 or packed.numel() != packed_size(S)
+            or packed.device != rows.device):
+        raise ValueError(f"packed must be the float32 packed head ({packed_size(S)} values) on "
+                         f"{rows.device}, got {packed.numel()} {packed.dtype} on {packed.device}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    n = rows.shape[0]
+    if (tuple(out.shape) not in ((n,), (n, steps)) or not out.is_contiguous()
+            or out.device != rows.device):
+        raise ValueError(f"out must be a contiguous ({n},) or ({n}, {steps}) tensor on "
+                         f"{rows.device}, got {tuple(out.shape)} on {out.device}")
+    if out.dtype not in DTYPES:
+        raise TypeError(f"out dtype must be one of {DTYPES}, got {out.dtype}")
+    if n == 0:
+        return
+    ok, why = available(rows.device)
+    if not ok:
+        raise RuntimeError(f"triton backend cannot run on {rows.device}: {why}")
+    all_steps = out.dim() == 2
+    kernel = _kernel()
+    args = dict(S=S, KP=_pad_dim(S), WNN=norm == "wnn", ALL_STEPS=all_steps,
+                PRECISION=input_precision)
+    n_bucket = max(0, int(math.log2(n)))
+    if interpreting():
+        kernel[(triton.cdiv(n, INTERPRET_BLOCK_M),)](
+            rows, packed, out, n, steps, n_bucket, BLOCK_M=INTERPRET_BLOCK_M,
+            HCHUNK=INTERPRET_HCHUNK, num_warps=INTERPRET_NUM_WARPS, **args)
+    else:
+        with torch.cuda.device(rows.device):
+            kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
+                rows, packed, out, n, steps, n_bucket, **args)
