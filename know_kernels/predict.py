@@ -56,20 +56,22 @@ def check_consistent(states: Sequence[Mapping[str, torch.Tensor]], labels: Seque
 
 
 @dataclass
-class _Segment:
+class Segment:
+    """Elements [start, stop) of the flattened parameter ``name``."""
     name: str
     start: int
     stop: int
 
 
-def _batches(names: Sequence[str], sizes: Mapping[str, int], chunk_rows: int) -> Iterator[list[_Segment]]:
-    """Group parameters (split where larger than a chunk) into batches of <= chunk_rows rows."""
+def batches(segments: Sequence[Segment], chunk_rows: int) -> Iterator[list[Segment]]:
+    """Group flat ranges of parameters (split where larger than a chunk) into batches of
+    <= chunk_rows rows."""
     batch, rows = [], 0
-    for name in names:
-        start = 0
-        while start < sizes[name]:
-            stop = min(sizes[name], start + chunk_rows - rows)
-            batch.append(_Segment(name, start, stop))
+    for seg in segments:
+        start = seg.start
+        while start < seg.stop:
+            stop = min(seg.stop, start + chunk_rows - rows)
+            batch.append(Segment(seg.name, start, stop))
             rows += stop - start
             start = stop
             if rows == chunk_rows:
@@ -77,6 +79,69 @@ def _batches(names: Sequence[str], sizes: Mapping[str, int], chunk_rows: int) ->
                 batch, rows = [], 0
     if batch:
         yield batch
+
+
+def check_arguments(*, method: str, known: Optional[KNOWN], nonfinite: str, steps: int,
+                    chunk_rows: int, count: int) -> None:
+    """The checks every predict entry point makes before reading any weights."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method == "known" and known is None:
+        raise ValueError("method='known' needs a KNOWN (pass known=)")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if count < 2:
+        raise ValueError(f"need at least 2 checkpoints, got {count}")
+
+
+def group_by_head(routes: Mapping[str, Optional[str]], method: str, known: Optional[KNOWN],
+                  S: int) -> dict[str, list[str]]:
+    """Routed names per head, in state-dict order, after checking ``known`` can predict them."""
+    by_head: dict[str, list[str]] = {}
+    for name, head in routes.items():
+        if head is None:
+            continue
+        if method == "known":
+            if head not in known:
+                raise ValueError(f"parameter {name!r} routes to head {head!r}, which this "
+                                 f"KNOWN lacks (it has {list(known)}); pass route= to copy it")
+            if known[head].S != S:
+                raise ValueError(f"KNOWN head {head!r} takes S={known[head].S} snapshots but "
+                                 f"{S} checkpoints were given")
+        by_head.setdefault(head, []).append(name)
+    return by_head
+
+
+def dtype_groups(names: Sequence[str], dtypes: Mapping[str, torch.dtype],
+                 sizes: Mapping[str, int]) -> list[list[Segment]]:
+    """Whole-parameter segments of ``names`` grouped by dtype (the rows of a batch share one)."""
+    return [[Segment(n, 0, sizes[n]) for n in names if dtypes[n] == dtype]
+            for dtype in dict.fromkeys(dtypes[n] for n in names)]
+
+
+def nonfinite_error(name: str, label: str) -> ValueError:
+    return ValueError(f"parameter {name!r} holds NaN or Inf in {label}; "
+                      f"pass nonfinite='passthrough' to keep such rows at Θ^0")
+
+
+def predict_rows(rows: torch.Tensor, head: str, *, method: str, known, steps: int, lam: float,
+                 backend: str, threads: Optional[int], nonfinite: str,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(N, steps) predictions for time-ordered rows (N, S) of parameters routed to ``head``;
+    ``known`` maps head names to KNOWN heads (the baselines ignore it)."""
+    if method == "known":
+        pred = nowcast(rows, known[head], steps=steps, backend=backend, all_steps=True,
+                       threads=threads, out_dtype=out_dtype)
+    else:
+        pred = extrapolate(rows, method, steps=steps, all_steps=True, lam=lam, out_dtype=out_dtype)
+    if nonfinite == "passthrough":
+        bad = ~torch.isfinite(rows).all(dim=1)
+        pred[bad] = rows[bad, -1:].to(pred.dtype)
+    return pred
 
 
 def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
@@ -91,36 +156,14 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
     ``linear``, ``log``, ``exp``, ``taskvector`` (``lam`` is TaskVector's λ), which use the
     same routing.  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
     value instead of refusing them.  ``progress`` is called with the number of rows done.
+    Everything is held in memory; ``know_kernels.streaming.predict_files`` streams files.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method == "known" and known is None:
-        raise ValueError("method='known' needs a KNOWN (pass known=)")
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    if len(checkpoints) < 2:
-        raise ValueError(f"need at least 2 checkpoints, got {len(checkpoints)}")
+    check_arguments(method=method, known=known, nonfinite=nonfinite, steps=steps,
+                    chunk_rows=chunk_rows, count=len(checkpoints))
     states, labels = load_checkpoints(checkpoints)
     check_consistent(states, labels)
     routes = route_state(states[0], route)
-    S = len(states)
-
-    by_head: dict[str, list[str]] = {}
-    for name, head in routes.items():
-        if head is None:
-            continue
-        if method == "known":
-            if head not in known:
-                raise ValueError(f"parameter {name!r} routes to head {head!r}, which this "
-                                 f"KNOWN lacks (it has {list(known)}); pass route= to copy it")
-            if known[head].S != S:
-                raise ValueError(f"KNOWN head {head!r} takes S={known[head].S} snapshots but "
-                                 f"{S} checkpoints were given")
-        by_head.setdefault(head, []).append(name)
+    by_head = group_by_head(routes, method, known, len(states))
 
     # Time order runs towards more data: Θ^{S-1} first, Θ^0 last.
     timeline = states[::-1]
@@ -133,27 +176,20 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
             for out in outputs:
                 out[name] = torch.empty_like(states[0][name])
     sizes = {name: states[0][name].numel() for name in routes}
+    dtypes = {name: states[0][name].dtype for name in routes}
 
     for head_name, names in by_head.items():
         for name in names:
             for state, label in zip(states, labels):
                 if not torch.isfinite(state[name]).all() and nonfinite == "error":
-                    raise ValueError(f"parameter {name!r} holds NaN or Inf in {label}; "
-                                     f"pass nonfinite='passthrough' to keep such rows at Θ^0")
-        for dtype in dict.fromkeys(states[0][n].dtype for n in names):
-            same = [n for n in names if states[0][n].dtype == dtype]
-            for batch in _batches(same, sizes, chunk_rows):
+                    raise nonfinite_error(name, label)
+        for segments in dtype_groups(names, dtypes, sizes):
+            for batch in batches(segments, chunk_rows):
                 rows = torch.cat([
                     torch.stack([s[seg.name].reshape(-1)[seg.start:seg.stop] for s in timeline], dim=1)
                     for seg in batch])
-                if method == "known":
-                    pred = nowcast(rows, known[head_name], steps=steps, backend=backend,
-                                   all_steps=True, threads=threads)
-                else:
-                    pred = extrapolate(rows, method, steps=steps, all_steps=True, lam=lam)
-                if nonfinite == "passthrough":
-                    bad = ~torch.isfinite(rows).all(dim=1)
-                    pred[bad] = rows[bad, -1:].to(pred.dtype)
+                pred = predict_rows(rows, head_name, method=method, known=known, steps=steps,
+                                    lam=lam, backend=backend, threads=threads, nonfinite=nonfinite)
                 at = 0
                 for seg in batch:
                     n = seg.stop - seg.start

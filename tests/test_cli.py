@@ -112,3 +112,30 @@ def test_predict_with_a_baseline_needs_no_known(setup, capsys):
     assert all(torch.equal(got[k], want[1][k]) for k in got)
     assert main(["predict", *paths, "--out", str(tmp / "k"), "--quiet"]) == 2
     assert "needs --known" in capsys.readouterr().err
+
+
+def test_predict_sharded_checkpoints_with_out_dtype(tmp_path, capsys):
+    from know_kernels.streaming import save_sharded
+    from test_streaming import read_output
+    cks = forgetting_checkpoints(dtype=torch.bfloat16)
+    paths = [str(save_sharded(ck, tmp_path / f"ck{i}", max_shard_bytes=100))
+             for i, ck in enumerate(cks)]
+    out = tmp_path / "out"
+    assert main(["predict", *paths, "--method", "linear", "--out", str(out), "--chunk-rows", "7",
+                 "--out-dtype", "float32", "--quiet"]) == 0
+    assert f"wrote {out / 'know_step1'}" in capsys.readouterr().out
+    assert (out / "know_step1" / "model.safetensors.index.json").is_file()
+    got = read_output(out / "know_step1")
+    want = predict(cks, method="linear")[0]
+    for name, w in want.items():
+        assert got[name].dtype == (torch.float32 if w.is_floating_point() else w.dtype), name
+        if w.is_floating_point():
+            torch.testing.assert_close(got[name].to(torch.bfloat16), w, rtol=1e-2, atol=1e-2)
+        else:
+            assert torch.equal(got[name], w), name
+    # Protected like single files: refused without --force, an input never overwritten.
+    assert main(["predict", *paths, "--method", "linear", "--out", str(out), "--quiet"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["predict", paths[0], str(out / "know_step1"), *paths[2:], "--method", "linear",
+                 "--out", str(out), "--force", "--quiet"]) == 2
+    assert "would overwrite an input" in capsys.readouterr().err

@@ -1,24 +1,32 @@
-"""``know predict CKPT0 CKPT1 … --steps K --out DIR``: one .safetensors per predicted step."""
+"""``know predict CKPT0 CKPT1 … --steps K --out DIR``: one .safetensors (or one directory of
+shards) per predicted step, streamed so the model never has to fit in memory; under
+``torchrun`` the processes share the work."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
 from tqdm import tqdm
 
-from ..fileio import load_state_dict, save_safetensors
-from ..heads import KNOWN
-from ..nowcast import BACKENDS
 from ..baselines import DEFAULT_LAMBDA
-from ..predict import METHODS, NONFINITE, count_rows, predict
+from ..nowcast import BACKENDS
+from ..predict import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE
+from ..streaming import predict_files
+
+OUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="predict KNOW weights from forgetting checkpoints",
                        description="Checkpoints in the paper's order: Θ^0 (full data) first, "
                                    "then Θ^1 … Θ^{S-1}. Writes DIR/know_step{k}.safetensors "
-                                   "for k = 1 … steps (×1/r, ×1/r², …).")
-    p.add_argument("checkpoints", nargs="+", help=".pt/.pth (weights-only) or .safetensors")
+                                   "for k = 1 … steps (×1/r, ×1/r², …), or DIR/know_step{k}/ "
+                                   "with Θ^0's shard files and index when Θ^0 is sharded. "
+                                   "Checkpoints are read a chunk at a time; run under "
+                                   "`torchrun --nproc-per-node N -m know_kernels predict …` "
+                                   "to split the work over N processes.")
+    p.add_argument("checkpoints", nargs="+",
+                   help=".pt/.pth (weights-only), .safetensors, or a sharded checkpoint "
+                        "(its directory or *.safetensors.index.json)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, default=1, help="prediction steps (default 1)")
     p.add_argument("--method", default="known", choices=METHODS,
@@ -30,40 +38,35 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--nonfinite", default="error", choices=NONFINITE,
                    help="rows with NaN/Inf: refuse (default) or keep them at Θ^0")
+    p.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
+                   help="dtype of every floating-point output (default: Θ^0's, per tensor)")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                   help=f"rows predicted per chunk; memory grows with it "
+                        f"(default {DEFAULT_CHUNK_ROWS})")
+    p.add_argument("--device", default="cpu",
+                   help="where to compute: cpu (default) or cuda (each rank its LOCAL_RANK GPU)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def output_paths(out_dir: Path, steps: int) -> list[Path]:
-    return [out_dir / f"know_step{k}.safetensors" for k in range(1, steps + 1)]
-
-
 def run(args) -> int:
-    out_dir = Path(args.out)
-    targets = output_paths(out_dir, args.steps)
     if args.method == "known" and args.known is None:
         raise ValueError("--method known needs --known PATH (KNOWN weights)")
-    inputs = {Path(c).resolve() for c in args.checkpoints + ([args.known] if args.known else [])}
-    for t in targets:
-        if t.resolve() in inputs:
-            raise ValueError(f"output {t} would overwrite an input; choose another --out")
-        if t.exists() and not args.force:
-            raise FileExistsError(f"{t} exists; pass --force to overwrite it")
-    known = KNOWN.load(args.known) if args.method == "known" else None
-    first = load_state_dict(args.checkpoints[0])
-    total = sum(count_rows(first).values())
-    with tqdm(total=total, unit="row", unit_scale=True, disable=args.quiet,
+    # Under torchrun only rank 0 talks; the others would print the same lines again.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with tqdm(unit="row", unit_scale=True, disable=args.quiet or not rank0,
               desc="KNOW predict") as bar:
-        states = predict([first] + list(args.checkpoints[1:]), known, steps=args.steps,
-                         method=args.method, lam=args.lam, backend=args.backend,
-                         nonfinite=args.nonfinite, threads=args.threads,
-                         progress=bar.update)
-    for k, (state, target) in enumerate(zip(states, targets), start=1):
-        meta = {"know_step": k, "method": args.method,
-                "checkpoints": [str(c) for c in args.checkpoints]}
-        if known is not None:
-            meta.update(known=str(args.known), known_provenance=known.provenance)
-        save_safetensors(state, target, metadata={"know": json.dumps(meta)})
-        print(f"wrote {target}")
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        targets = predict_files(args.checkpoints, args.out, args.known, steps=args.steps,
+                                method=args.method, lam=args.lam, backend=args.backend,
+                                nonfinite=args.nonfinite, threads=args.threads,
+                                out_dtype=args.out_dtype, chunk_rows=args.chunk_rows,
+                                device=args.device, force=args.force, progress=progress)
+    if rank0:
+        for target in targets:
+            print(f"wrote {target}")
     return 0
