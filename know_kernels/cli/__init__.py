@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "selftest", "predict")
+COMMANDS = ("info", "selftest", "predict", "collect", "meta_train")
 
 
 def build_parser() -> argparse.ArgumentParser:

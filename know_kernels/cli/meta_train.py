@@ -1,0 +1,135 @@
+"""``know meta-train STORE --out PATH`` and ``know meta-eval STORE --known PATH``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from ..fileio import atomic_path
+from ..heads import KNOWN
+from ..metatrain import (LOSS_SPACES, MetaTrainConfig, baseline_predictors, evaluate,
+                         known_predictor, meta_train, split_runs)
+from ..reference import NORMS
+from ..routing import HEADS
+from ..store import MetaDataset
+
+AUTHORS_FILES = {"conv": "KNOWN_Conv.h5", "fc": "KNOWN_FC.h5", "bias": "KNOWN_Bias.h5"}
+
+
+def _csv(text: str) -> tuple:
+    return tuple(t for t in text.split(",") if t)
+
+
+def _add_split(p) -> None:
+    p.add_argument("--val-arch", type=_csv, default=("densenet",),
+                   help="held-out architectures, comma separated (default densenet)")
+    p.add_argument("--val-dataset", type=_csv, default=(),
+                   help="held-out datasets, comma separated (default none)")
+    p.add_argument("--authors", default=None,
+                   help="directory with the authors' KNOWN_{Conv,FC,Bias}.h5, to compare with")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("meta-train", help="meta-train KNOWN on a collected meta-dataset")
+    p.add_argument("store", help="meta-dataset directory (from `know collect`)")
+    p.add_argument("--out", required=True, help="where to write the KNOWN (.safetensors)")
+    p.add_argument("--epochs", type=int, default=MetaTrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=MetaTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=MetaTrainConfig.lr)
+    p.add_argument("--norm", choices=NORMS, default=MetaTrainConfig.norm)
+    p.add_argument("--loss-space", choices=LOSS_SPACES, default=MetaTrainConfig.loss_space)
+    p.add_argument("--heads", type=_csv, default=HEADS)
+    p.add_argument("--S", type=int, default=MetaTrainConfig.S)
+    p.add_argument("--seed", type=int, default=MetaTrainConfig.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    _add_split(p)
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("meta-eval", help="validation table of a KNOWN against the baselines")
+    e.add_argument("store", help="meta-dataset directory")
+    e.add_argument("--known", required=True, help="KNOWN weights (.safetensors)")
+    _add_split(e)
+    e.set_defaults(func=run_eval)
+
+
+def validation_table(store: MetaDataset, known: KNOWN, val_runs, authors: Optional[str]) -> dict:
+    """Per head: mean L1 to the true next snapshot for KNOWN, the baselines and, when given,
+    the authors' released heads (under both normalisations)."""
+    authors_known = None
+    if authors:
+        files = {h: Path(authors) / f for h, f in AUTHORS_FILES.items()}
+        authors_known = KNOWN.from_keras_h5(**{h: p for h, p in files.items() if p.is_file()})
+    table = {}
+    for head_name, head in known.items():
+        predictors = {"KNOWN": known_predictor(head), **baseline_predictors()}
+        if authors_known is not None and head_name in authors_known:
+            for norm in ("raw", "wnn"):
+                predictors[f"authors ({norm})"] = known_predictor(authors_known[head_name], norm)
+        table[head_name] = evaluate(store, val_runs, head_name, head.S, predictors)
+    return table
+
+
+def format_table(table: dict) -> str:
+    lines = []
+    for head_name, scores in table.items():
+        base = scores["copy-last"]
+        lines.append(f"head {head_name}: mean L1 to the true next snapshot (ratio to copy-last)")
+        for name, value in scores.items():
+            lines.append(f"  {name:<16} {value:.4e}  ({value / base:.3f})")
+    return "\n".join(lines)
+
+
+def _report(store, known, args) -> dict:
+    _, val_runs = split_runs(store, args.val_arch, args.val_dataset)
+    if not val_runs:
+        raise ValueError("no validation runs: no run matches --val-arch/--val-dataset")
+    table = validation_table(store, known, val_runs, args.authors)
+    print(f"validation runs: {len(val_runs)} (held out: architectures {list(args.val_arch)}, "
+          f"datasets {list(args.val_dataset)})")
+    print(format_table(table))
+    return table
+
+
+def run_train(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    store = MetaDataset(args.store, create=False)
+    cfg = MetaTrainConfig(S=args.S, norm=args.norm, loss_space=args.loss_space,
+                          heads=tuple(args.heads), batch_size=args.batch_size, lr=args.lr,
+                          epochs=args.epochs, seed=args.seed, val_architectures=tuple(args.val_arch),
+                          val_datasets=tuple(args.val_dataset)).check()
+    ckpt = out.with_name(out.name + ".ckpt")
+    bars = {}
+
+    def progress(head, step, total, loss):
+        bar = bars.get(head)
+        if bar is None:
+            bar = bars[head] = tqdm(total=total, desc=f"meta-train {head}", unit="batch")
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4g}")
+
+    known, state = meta_train(store, cfg, checkpoint=ckpt, resume=args.resume, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    known.provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
+                        "store": store.summary().get("rows", {}),
+                        "train_seconds": round(state.seconds, 1)}
+    table = _report(store, known, args)
+    known.provenance["validation"] = table
+    known.save(out)
+    with atomic_path(out.with_name(out.name + ".validation.json")) as tmp:
+        tmp.write_text(json.dumps({"validation": table, "train_seconds": state.seconds,
+                                   "history": state.history}, indent=1))
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {out} (training took {state.seconds:.0f} s)")
+    return 0
+
+
+def run_eval(args) -> int:
+    _report(MetaDataset(args.store, create=False), KNOWN.load(args.known), args)
+    return 0

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from know_kernels import KNOWN
+from know_kernels.metatrain import (MetaTrainConfig, baseline_predictors, evaluate,
+                                    known_predictor, load_state, meta_train, split_runs,
+                                    window_batches, windows)
+from know_kernels.store import MetaDataset, Trajectory
+
+STAGES = 7
+
+
+def synthetic_store(root, runs=6, rows=600, seed=0):
+    """Trajectories whose next value (towards more data) keeps the recent drift: something a
+    head can learn and copy-last cannot."""
+    g = torch.Generator().manual_seed(seed)
+    store = MetaDataset(root)
+    archs = ["cnn", "resnet", "densenet"]
+    for i in range(runs):
+        heads = {}
+        for h in ("conv", "fc", "bias"):
+            start = torch.randn(rows, 1, generator=g) * 0.05
+            slope = torch.randn(rows, 1, generator=g) * 2e-3
+            t = torch.arange(STAGES, dtype=torch.float32)
+            time_order = start + slope * t  # least data first
+            heads[h] = time_order.flip(1)   # stored in stage order: column 0 = Θ^0
+        params = [{"name": f"{h}.w", "shape": [rows], "head": h, "offset": 0} for h in heads]
+        meta = {"arch": archs[i % 3], "dataset": "digits", "r": 0.5}
+        store.add(f"run{i}", Trajectory(heads=heads, params=params, meta=meta))
+    return store
+
+
+def test_windows_slide_in_time_order():
+    rows = torch.arange(14.0).reshape(2, 7)
+    x, y = windows(rows, 5)
+    assert x.shape == (4, 5) and y.shape == (4,)
+    assert torch.equal(x[0], torch.arange(5.0)) and float(y[0]) == 5.0
+    assert torch.equal(x[2], torch.arange(1.0, 6.0)) and float(y[2]) == 6.0
+    with pytest.raises(ValueError, match="no window"):
+        windows(rows[:, :5], 5)
+
+
+def test_split_is_by_whole_runs(tmp_path):
+    store = synthetic_store(tmp_path)
+    train, val = split_runs(store, ("densenet",), ())
+    assert sorted(val) == ["run2", "run5"] and len(train) == 4
+    assert not set(train) & set(val)
+
+
+def test_batches_cover_every_window_once(tmp_path):
+    store = synthetic_store(tmp_path, runs=3, rows=100)
+    seen = torch.cat([y for _, y in window_batches(store, "fc", ["run0", "run1", "run2"], 5, 64,
+                                                   chunk_rows=30, mix_chunks=4, seed=1)])
+    want = torch.cat([windows(store.open(r).read("fc", order="time"), 5)[1]
+                      for r in ("run0", "run1", "run2")])
+    assert seen.shape == want.shape
+    assert torch.equal(seen.sort().values, want.sort().values)
+
+
+def config(**kw):
+    base = dict(epochs=2, batch_size=256, lr=3e-3, chunk_rows=200, mix_chunks=3,
+                checkpoint_every=5, heads=("fc", "bias"), reg_bias=0.0)
+    base.update(kw)
+    return MetaTrainConfig(**base)
+
+
+def test_meta_training_learns_and_beats_copy_last(tmp_path):
+    store = synthetic_store(tmp_path / "store")
+    known, state = meta_train(store, config(epochs=6))
+    _, val = split_runs(store, ("densenet",), ())
+    for head in ("fc", "bias"):
+        table = evaluate(store, val, head, 5,
+                         {"KNOWN": known_predictor(known[head]), **baseline_predictors()})
+        assert table["KNOWN"] < 0.8 * table["copy-last"], table
+        first, last = state.history[head][0][1], state.history[head][-1][1]
+        assert last < first
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    store = synthetic_store(tmp_path / "store", runs=3, rows=300)
+    cfg = config()
+    whole, _ = meta_train(store, cfg)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(head, step, total, loss):
+        if head == "bias" and step == 7:
+            raise Stop
+
+    ckpt = tmp_path / "known.ckpt"
+    with pytest.raises(Stop):
+        meta_train(store, cfg, checkpoint=ckpt, progress=interrupt)
+    saved = load_state(ckpt)
+    assert "fc" in saved.done and saved.current == "bias" and saved.step == 5
+    resumed, _ = meta_train(store, cfg, checkpoint=ckpt, resume=True)
+    for head in ("fc", "bias"):
+        for k, v in whole[head].state_dict().items():
+            torch.testing.assert_close(resumed[head].state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="different configuration"):
+        meta_train(store, config(lr=1.0), checkpoint=ckpt, resume=True)
+
+
+def test_bad_configuration(tmp_path):
+    store = synthetic_store(tmp_path / "store", runs=3, rows=10)
+    with pytest.raises(ValueError, match="loss_space"):
+        meta_train(store, config(loss_space="log"))
+    with pytest.raises(ValueError, match="no training runs"):
+        meta_train(store, config(val_architectures=("cnn", "resnet", "densenet")))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        meta_train(store, config(), checkpoint=tmp_path / "none.ckpt", resume=True)
+    with pytest.raises(ValueError, match="no training windows"):
+        meta_train(store, config(S=7))
