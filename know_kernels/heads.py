@@ -22,6 +22,8 @@ from .reference import (BOTTLENECK, HIDDEN, OUT_HIDDEN, STREAM_ROLES, check_norm
 from .routing import HEADS
 
 FORMAT = "know-kernels/1"
+# The weights shipped with the package (see MODEL_CARD.md for how they were made).
+PRETRAINED = Path(__file__).resolve().parent / "weights" / "known_default.safetensors"
 
 
 def _variance_scaling_uniform(t: torch.Tensor, scale: float, generator) -> None:
@@ -186,6 +188,14 @@ class KNOWN(nn.Module):
                              source=f"{path} head {name!r}")
             heads[name] = head
         return cls(heads, provenance=meta.get("provenance"))
+
+    @classmethod
+    def pretrained(cls) -> "KNOWN":
+        """The KNOWN shipped inside the package, meta-trained by this project (MODEL_CARD.md)."""
+        if not PRETRAINED.is_file():
+            raise FileNotFoundError(f"the shipped KNOWN weights are missing ({PRETRAINED}); "
+                                    f"reinstall know-kernels, or pass a KNOWN file explicitly")
+        return cls.load(PRETRAINED)
 
     @classmethod
     def from_keras_h5(cls, conv: Optional[PathLike] = None, fc: Optional[PathLike] = None,
