@@ -159,7 +159,7 @@ def table(sizes) -> None:
     packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S).cuda()
     eager = eager_ms_per_row(head)
     print(f"eager PyTorch (float32 nowcast_ref, {EAGER_ROWS} rows): "
-          f"{1e3 / eager:.3g} Mrows/s; scaled per row below")
+          f"{1 / eager / 1e6:.3g} Grows/s; scaled per row below")
     # bf16 input and float32 output: 14 bytes per row; keep at most half the free memory.
     free, _ = torch.cuda.mem_get_info()
     chunk_cap = max(1 << 20, int(free * 0.5 / 14))
@@ -223,8 +223,9 @@ def exp_benchmark() -> None:
         launch()
         ms = cuda_ms(launch, 5)
         total = threads * iters * 8
-        print(f"exp {mode:5s}: {total / ms / 1e9:8.1f} Gexp/s "
-              f"({total / ms / 1e9 / props.multi_processor_count:.1f} Gexp/s per SM)")
+        # total / ms / 1e9 is exps per second in units of 1e12.
+        print(f"exp {mode:5s}: {total / ms / 1e9:8.2f} Texp/s "
+              f"({total / ms / 1e6 / props.multi_processor_count:.1f} Gexp/s per SM)")
     head = KNOWNHead(S=S, norm="wnn", seed=0)
     packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S).cuda()
     rows = trajectories(RESNET18)
