@@ -11,3 +11,15 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 $PIP install -q setuptools wheel pybind11 cmake ninja
 $PIP install -q --no-build-isolation -e ".[test,triton,data]"
+# Fashion-MNIST for `know demo` (Debian's package; nothing is downloaded at run time).
+# Best effort: without root or passwordless sudo, say how and carry on.
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -d "$FMNIST" ] && command -v apt-get > /dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if ! { $SUDO apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1 \
+         || { $SUDO apt-get update -q > /dev/null 2>&1 \
+              && $SUDO apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1; }; }; then
+    echo "setup.sh: could not install dataset-fashion-mnist; for know demo run" \
+         "'apt-get install dataset-fashion-mnist' or pass --data-dir" >&2
+  fi
+fi

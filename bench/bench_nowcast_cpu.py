@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch
 from know_kernels import KNOWNHead, nowcast
 from know_kernels.ops import nowcast_cpu
 from know_kernels.reference import nowcast_ref
+from provenance import commit
 
 NOMINAL_FLOP = 2 * 8832   # per row per step, spec section 7
 EXECUTED_FLOP = 2 * 7368  # the folded form of packing.py
@@ -78,16 +78,6 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs"
 
 
-def commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "csrc", "know_kernels"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return head + (" + uncommitted changes in csrc/ or know_kernels/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def proc_status_kib(field: str) -> int:

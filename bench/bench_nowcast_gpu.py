@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from know_kernels import KNOWNHead  # noqa: E402
 from know_kernels.nowcast import backend_status  # noqa: E402
 from know_kernels.packing import fold, pack  # noqa: E402
 from know_kernels.reference import nowcast_ref, normalise  # noqa: E402
+from provenance import commit  # noqa: E402
 
 S = 5
 NOMINAL_FLOP = 2 * 8832
@@ -55,15 +55,6 @@ PATHS = (
 EXP_MODES = ("sfu", "poly", "mixed")
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "csrc", "know_kernels"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + (" + uncommitted changes in csrc/ or know_kernels/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def trajectories(n: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:

@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit  # noqa: E402
+
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.nowcast import resolve_backend  # noqa: E402
 from know_kernels.predict import DEFAULT_CHUNK_ROWS, METHODS, predict_rows  # noqa: E402
@@ -156,12 +158,6 @@ def run_in_memory(args, known, rows_total: int) -> dict:
     return {"rows": rows_total, "seconds": best, "rows_per_s": rows_total / best}
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cpu_name() -> str:

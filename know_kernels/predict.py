@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -81,13 +82,24 @@ def batches(segments: Sequence[Segment], chunk_rows: int) -> Iterator[list[Segme
         yield batch
 
 
-def check_arguments(*, method: str, known: Optional[KNOWN], nonfinite: str, steps: int,
+def resolve_known(method: str, known) -> tuple[Optional[KNOWN], Optional[Path]]:
+    """The KNOWN a method uses and the file it came from: none for the baselines, the
+    shipped weights (``KNOWN.pretrained()``) when ``known`` is None, else a KNOWN or a path."""
+    if method != "known":
+        return None, None
+    if known is None:
+        from .heads import PRETRAINED
+        return KNOWN.pretrained(), PRETRAINED
+    if isinstance(known, KNOWN):
+        return known, None
+    return KNOWN.load(known), Path(known)
+
+
+def check_arguments(*, method: str, nonfinite: str, steps: int,
                     chunk_rows: int, count: int) -> None:
     """The checks every predict entry point makes before reading any weights."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method == "known" and known is None:
-        raise ValueError("method='known' needs a KNOWN (pass known=)")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -158,7 +170,8 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
     value instead of refusing them.  ``progress`` is called with the number of rows done.
     Everything is held in memory; ``know_kernels.streaming.predict_files`` streams files.
     """
-    check_arguments(method=method, known=known, nonfinite=nonfinite, steps=steps,
+    known = resolve_known(method, known)[0]
+    check_arguments(method=method, nonfinite=nonfinite, steps=steps,
                     chunk_rows=chunk_rows, count=len(checkpoints))
     states, labels = load_checkpoints(checkpoints)
     check_consistent(states, labels)

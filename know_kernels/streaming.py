@@ -50,7 +50,8 @@ from .distributed import Comm, communicator, split
 from .fileio import CHECKPOINT_SUFFIXES, atomic_path, load_state_dict, save_safetensors
 from .heads import KNOWN
 from .predict import (DEFAULT_CHUNK_ROWS, Segment, batches, check_arguments, check_consistent,
-                      dtype_groups, group_by_head, nonfinite_error, predict_rows)
+                      dtype_groups, group_by_head, nonfinite_error, predict_rows,
+                      resolve_known)
 from .routing import Route, route_state
 
 PathLike = Union[str, os.PathLike]
@@ -840,12 +841,8 @@ def predict_files(checkpoints: Sequence[PathLike], out_dir: PathLike,
     Under ``torchrun`` (or in an initialised process group) every rank must call this with
     the same arguments; each predicts and writes a share of the model.
     """
-    known_path = None
-    if method != "known":
-        known = None  # the baselines have no use for it, as in predict()
-    elif known is not None and not isinstance(known, KNOWN):
-        known_path, known = Path(known), KNOWN.load(known)
-    check_arguments(method=method, known=known, nonfinite=nonfinite, steps=steps,
+    known, known_path = resolve_known(method, known)
+    check_arguments(method=method, nonfinite=nonfinite, steps=steps,
                     chunk_rows=chunk_rows, count=len(checkpoints))
     out_dtype = _resolve_dtype(out_dtype)
     device = torch.device(device)

@@ -98,5 +98,9 @@ def test_predict_method_errors():
     cks = forgetting_checkpoints()
     with pytest.raises(ValueError, match="unknown method 'cubic'.*'known', 'linear'"):
         predict(cks, KNOWN.init(), method="cubic")
-    with pytest.raises(ValueError, match="needs a KNOWN"):
-        predict(cks)
+
+
+def test_predict_defaults_to_the_shipped_known():
+    cks = forgetting_checkpoints()
+    got, want = predict(cks), predict(cks, KNOWN.pretrained())
+    assert all(torch.equal(got[0][k], want[0][k]) for k in want[0])

@@ -110,8 +110,11 @@ def test_predict_with_a_baseline_needs_no_known(setup, capsys):
     want = predict(cks, method="linear", steps=2)
     got = load_file(str(out / "know_step2.safetensors"))
     assert all(torch.equal(got[k], want[1][k]) for k in got)
-    assert main(["predict", *paths, "--out", str(tmp / "k"), "--quiet"]) == 2
-    assert "needs --known" in capsys.readouterr().err
+    # Without --known, --method known uses the shipped weights.
+    assert main(["predict", *paths, "--out", str(tmp / "k"), "--quiet"]) == 0
+    want = predict(cks, KNOWN.pretrained())
+    got = load_file(str(tmp / "k" / "know_step1.safetensors"))
+    assert all(torch.equal(got[k], want[0][k]) for k in got)
 
 
 def test_predict_sharded_checkpoints_with_out_dtype(tmp_path, capsys):

@@ -110,3 +110,10 @@ def test_init_is_seeded():
     a, b = KNOWN.init(seed=3), KNOWN.init(seed=3)
     assert all(torch.equal(a["conv"].params_dict()[k], v) for k, v in b["conv"].params_dict().items())
     assert not torch.equal(a["conv"].x.w1, a["fc"].x.w1)
+
+
+def test_pretrained_missing_file_is_a_clear_error(monkeypatch, tmp_path):
+    from know_kernels import heads
+    monkeypatch.setattr(heads, "PRETRAINED", tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="shipped KNOWN weights are missing"):
+        heads.KNOWN.pretrained()

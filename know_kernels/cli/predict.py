@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--method", default="known", choices=METHODS,
                    help="KNOWN (default) or a baseline extrapolation")
     p.add_argument("--known", default=None,
-                   help="KNOWN weights (.safetensors, see `KNOWN.save`); needed for --method known")
+                   help="KNOWN weights (.safetensors, see `KNOWN.save`); default: the weights shipped "
+                        "with the package (KNOWN.pretrained())")
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="TaskVector's λ (default 0.2)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -51,8 +52,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.method == "known" and args.known is None:
-        raise ValueError("--method known needs --known PATH (KNOWN weights)")
     # Under torchrun only rank 0 talks; the others would print the same lines again.
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with tqdm(unit="row", unit_scale=True, disable=args.quiet or not rank0,
