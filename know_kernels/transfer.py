@@ -1,0 +1,464 @@
+"""Transfer evaluation: is a KNOW prediction a better starting point than Θ^0?
+
+Every candidate (Θ^0 = naive transfer, Θ^1 and each method's Θ̂^{-k}) gets its classifier
+replaced for the downstream task and is fine-tuned with one recipe (:class:`FineTune`);
+its test accuracy is then compared with naive transfer's **seed by seed**.  Seed s fixes,
+identically for every candidate,
+
+* the downstream training subset (``shots`` images per class),
+* the new classifier's initial weights,
+* the batch order (and torch's global random stream during fine-tuning),
+
+so the paired difference candidate − naive cancels the seed-to-seed spread of subsets and
+head inits (about 2 points on data-scarce tasks) and keeps the effect of the starting
+weights (a few tenths of a point).  The report is the mean paired difference with its
+standard error s_d / √n over n ≥ 2 seeds::
+
+    candidates = know_candidates([theta0, theta1, theta2, theta3, theta4], r=0.5, known=known)
+    result = transfer(candidates, lambda: build_model("resnet", (1, 28, 28), 10), digits,
+                      in_shape=(1, 28, 28), seeds=5)
+    print(format_table(result))
+
+"×n" is the amount of data a candidate stands for, as a multiple of |D^0|: Θ̂^{-k} ≈
+trained on r^{-k}·|D^0| (×2, ×4, ×8 for r = 0.5), Θ^1 on r·|D^0| (×0.5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .baselines import DEFAULT_LAMBDA
+from .data import DataSplit
+from .forgetting import (OPTIMIZERS, NonFiniteLossError, _check_positive, _make_optimizer,
+                         _train_stage, check_r, derive_seed, evaluate)
+from .fileio import PathLike, atomic_path
+from .heads import KNOWN
+from .predict import METHODS, Checkpoint, load_checkpoints, predict
+
+NAIVE = "naive"
+DISPLAY = {NAIVE: "Naive transfer", "known": "KNOWN", "taskvector": "TaskVector",
+           "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit"}
+# The paper's Table 1 order.
+PAPER_ORDER = ("known", "taskvector", "linear", "log", "exp")
+MIN_SEEDS = 2
+
+
+def check_methods(methods: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """``"known,exp"`` or a sequence -> the names in paper order, each checked."""
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise ValueError(f"unknown method(s) {unknown or 'none given'}; valid methods are "
+                         f"{', '.join(PAPER_ORDER)}")
+    return tuple(m for m in PAPER_ORDER if m in names)
+
+
+def check_seeds(seeds: Union[int, Sequence[int]]) -> list[int]:
+    """A count n (seeds 0..n-1) or explicit seeds; at least two, since a paired standard
+    error needs two differences."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if seeds < MIN_SEEDS:
+            raise ValueError(f"seeds must be >= {MIN_SEEDS} (a paired standard error needs at "
+                             f"least {MIN_SEEDS} differences), got {seeds}")
+        return list(range(int(seeds)))
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < MIN_SEEDS or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must hold >= {MIN_SEEDS} distinct values, got {seeds}")
+    return seeds
+
+
+def check_input_shape(in_shape: Sequence[int], task: DataSplit) -> None:
+    """The downstream images must have the shape the network was trained on: a silent
+    mismatch could still run (global pooling accepts any size) and measure nonsense."""
+    in_shape = tuple(int(v) for v in in_shape)
+    if task.in_shape != in_shape:
+        raise ValueError(
+            f"downstream dataset {task.name!r} has input shape {task.in_shape} (C, H, W) but "
+            f"the network takes {in_shape}; adapt the data deliberately, e.g. "
+            f"load_dataset('digits', digits_size={in_shape[-1]}) resizes the 8x8 digits")
+
+
+def factor_label(factor: float) -> str:
+    return f"×{factor:.3g}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Which weights: ``method`` (``"naive"`` or a predict method) and ``step`` k, standing
+    for r^{-k}·|D^0| data: Θ̂^{-k} for k >= 1, Θ^0 for k = 0, Θ^1 for k = -1."""
+    method: str
+    step: int
+    factor: float
+
+    @property
+    def label(self) -> str:
+        return factor_label(self.factor)
+
+    @property
+    def name(self) -> str:
+        return f"{DISPLAY.get(self.method, self.method)} {self.label}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == NAIVE and self.step == 0
+
+
+@dataclass(frozen=True)
+class Candidate(Entry):
+    weights: Mapping[str, torch.Tensor] = field(repr=False)
+
+
+def know_candidates(checkpoints: Sequence[Checkpoint], *, r: float,
+                    methods: Union[str, Sequence[str]] = PAPER_ORDER, steps: int = 3,
+                    known: Optional[KNOWN] = None, lam: float = DEFAULT_LAMBDA,
+                    forgotten: bool = True) -> list[Candidate]:
+    """Θ^0 (naive transfer), Θ^1 (with ``forgotten``: r·|D^0| data, to show what less data
+    costs) and every method's Θ̂^{-1} … Θ̂^{-steps}, from [Θ^0, …, Θ^{S-1}] (paper order).
+    ``known=None`` predicts with the shipped KNOWN, as :func:`~know_kernels.predict.predict`."""
+    r = check_r(r)
+    methods = check_methods(methods)
+    states, _ = load_checkpoints(checkpoints)
+    candidates = [Candidate(NAIVE, 0, 1.0, states[0])]
+    if forgotten:
+        candidates.append(Candidate(NAIVE, -1, r, states[1]))
+    for method in methods:
+        predicted = predict(states, known, steps=steps, method=method, lam=lam)
+        candidates += [Candidate(method, k, r ** -k, w) for k, w in enumerate(predicted, 1)]
+    return candidates
+
+
+# ------------------------------------------------------------------------ downstream data
+
+def select_classes(split: DataSplit, classes: Sequence[int], *, name: Optional[str] = None,
+                   train_size: Optional[int] = None, test_size: Optional[int] = None,
+                   seed: int = 0) -> DataSplit:
+    """The images of ``classes`` only, relabelled 0..len(classes)-1 in the given order
+    (a class split: pretrain on some classes, transfer to the others); optionally a seeded
+    random subset of at most ``train_size``/``test_size`` images of each part."""
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < split.num_classes]
+    if len(classes) < 2 or bad or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be >= 2 distinct labels of {split.name!r} "
+                         f"(0..{split.num_classes - 1}), got {classes}")
+    generator = torch.Generator().manual_seed(derive_seed(seed, 0))
+    relabel = torch.full((split.num_classes,), -1, dtype=torch.int64)
+    relabel[classes] = torch.arange(len(classes))
+    parts = []
+    for part, size in ((split.train, train_size), (split.test, test_size)):
+        x, y = part.tensors
+        keep = torch.nonzero(relabel[y] >= 0).flatten()
+        if size is not None and size < keep.numel():
+            keep = keep[torch.randperm(keep.numel(), generator=generator)[:size]].sort().values
+        parts.append(TensorDataset(x[keep], relabel[y[keep]]))
+    return DataSplit(name or f"{split.name}{classes}", parts[0], parts[1], len(classes))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+@dataclass(frozen=True)
+class FineTune:
+    """One downstream fine-tuning recipe, applied identically to every candidate.
+
+    ``shots`` training images per class are drawn per seed (None: the whole training
+    split); the whole network is trained for ``epochs`` with ``optimizer`` at ``lr``,
+    cosine-annealed to 0, full batches of ``batch_size``.  ``classifier`` is the
+    state-dict prefix of the layer replaced for the downstream task.
+    """
+    shots: Optional[int] = 10
+    epochs: int = 20
+    batch_size: int = 25
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    classifier: str = "fc"
+
+    def __post_init__(self):
+        if self.shots is not None:
+            _check_positive("shots", self.shots, integer=True)
+        _check_positive("epochs", self.epochs, integer=True)
+        _check_positive("batch_size", self.batch_size, integer=True)
+        _check_positive("lr", self.lr)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """What seed ``seed`` fixes for every candidate."""
+    seed: int
+    indices: torch.Tensor           # the downstream training subset
+    head: dict[str, torch.Tensor]   # the new classifier's initial weights
+    order_seed: int                 # batch order
+    torch_seed: int                 # torch's global stream while fine-tuning
+
+
+def _classifier_keys(state: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+    return [k for k in state if k == prefix or k.startswith(prefix + ".")]
+
+
+def plan_seed(seed: int, task: DataSplit, model_fn: Callable[[], nn.Module],
+              recipe: FineTune) -> SeedPlan:
+    labels = task.train.tensors[1].cpu().numpy()
+    if recipe.shots is None:
+        indices = np.arange(len(labels))
+    else:
+        rng = np.random.default_rng(derive_seed(seed, 0))
+        picks = []
+        for c in range(task.num_classes):
+            pool = np.flatnonzero(labels == c)
+            if len(pool) < recipe.shots:
+                raise ValueError(f"shots={recipe.shots}: class {c} of {task.name!r} has only "
+                                 f"{len(pool)} training images")
+            picks.append(rng.choice(pool, recipe.shots, replace=False))
+        indices = np.sort(np.concatenate(picks))
+    if len(indices) < recipe.batch_size:
+        raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(indices)} training "
+                         f"images of {task.name!r} per seed; lower it or raise shots")
+    # fork_rng: seeding here must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 1))
+        state = model_fn().state_dict()
+    keys = _classifier_keys(state, recipe.classifier)
+    if not keys:
+        raise ValueError(f"classifier={recipe.classifier!r} names no entry of the network's "
+                         f"state dict (it has {list(state)[:4]} … {list(state)[-2:]})")
+    return SeedPlan(seed, torch.from_numpy(indices), {k: state[k] for k in keys},
+                    derive_seed(seed, 2), derive_seed(seed, 3))
+
+
+def load_backbone(model: nn.Module, weights: Mapping[str, torch.Tensor],
+                  head: Mapping[str, torch.Tensor], classifier: str) -> None:
+    """Load every entry of ``weights`` but the classifier, and ``head`` as the classifier;
+    any other missing, extra or misshapen entry is an error naming it."""
+    own = model.state_dict()
+    backbone = {k: v for k, v in weights.items() if k not in _classifier_keys(weights, classifier)}
+    missing = [k for k in own if k not in head and k not in backbone]
+    extra = [k for k in backbone if k not in own]
+    if missing or extra:
+        raise ValueError(f"the weights do not fit the network: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]} (classifier={classifier!r} is replaced)")
+    for k, v in backbone.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"parameter {k!r}: the weights have shape {tuple(v.shape)}, the "
+                             f"network {tuple(own[k].shape)}")
+    model.load_state_dict({**backbone, **head})
+
+
+def fine_tune(weights: Mapping[str, torch.Tensor], model_fn: Callable[[], nn.Module],
+              task: DataSplit, plan: SeedPlan, recipe: FineTune, *, device="cpu",
+              bar=None) -> tuple[float, Optional[int]]:
+    """Test accuracy (%) after fine-tuning ``weights`` as ``plan`` says, and the step at
+    which the loss became NaN/inf (None if it never did).  A diverged run stops there and
+    is judged by the accuracy of the weights it has then, as a user would find them."""
+    model = model_fn()
+    load_backbone(model, weights, plan.head, recipe.classifier)
+    model.to(device)
+    diverged = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.torch_seed)
+        optimizer = _make_optimizer(recipe.optimizer, model.parameters(), recipe.lr,
+                                    recipe.momentum, recipe.weight_decay)
+        try:
+            _train_stage(model, task.train, plan.indices, stage=0, epochs=recipe.epochs,
+                         batch_size=recipe.batch_size, optimizer=optimizer, cosine=True,
+                         generator=torch.Generator().manual_seed(plan.order_seed),
+                         device=torch.device(device), bar=_NoBar() if bar is None else bar)
+        except NonFiniteLossError as exc:
+            diverged = exc.step
+    return 100.0 * evaluate(model, task.test), diverged
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ results
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1 in the denominator)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
+
+
+# Student's t 0.975 quantiles for 1..30 degrees of freedom; beyond 30 the df-30 value is a
+# slightly conservative stand-in (the limit is 1.960).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical(n: int) -> float:
+    """Half-width of a 95% confidence interval in standard errors, for n paired values."""
+    return _T975[min(n - 1, len(_T975)) - 1]
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """Mean of d_s = values_s − baseline_s and its standard error s_d / √n."""
+    d = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if d.ndim != 1 or d.size < MIN_SEEDS:
+        raise ValueError(f"need >= {MIN_SEEDS} paired values of equal length, got "
+                         f"{len(values)} and {len(baseline)}")
+    mean, sd = mean_std(d)
+    # Accuracies are counts over a test set: equal differences on every seed leave only
+    # rounding noise in sd, which is no spread.
+    return mean, (sd / math.sqrt(d.size) if sd > 1e-9 else 0.0)
+
+
+@dataclass(frozen=True)
+class Row(Entry):
+    acc: tuple[float, ...] = ()       # per seed, %
+    base: tuple[float, ...] = ()      # naive transfer's, same seeds
+    diverged: tuple[int, ...] = ()    # seeds whose fine-tuning hit a NaN/inf loss
+
+    def summary(self) -> dict:
+        acc_mean, acc_std = mean_std(self.acc)
+        diff_mean, diff_se = paired_difference(self.acc, self.base)
+        half = t_critical(len(self.acc)) * diff_se
+        return {"method": self.method, "name": DISPLAY.get(self.method, self.method),
+                "step": self.step, "factor": self.factor, "label": self.label,
+                "acc": list(self.acc), "acc_mean": acc_mean, "acc_std": acc_std,
+                "diff": [a - b for a, b in zip(self.acc, self.base)],
+                "diff_mean": diff_mean, "diff_se": diff_se,
+                "diff_ci95": [diff_mean - half, diff_mean + half],
+                # A zero standard error (identical differences on every seed) measures no
+                # spread, so it supports no interval either way.
+                "significant": bool(diff_se > 0 and abs(diff_mean) > half),
+                "diverged": list(self.diverged)}
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    task: str
+    num_classes: int
+    train_images: int    # per seed
+    test_images: int
+    seeds: tuple[int, ...]
+    rows: tuple[Row, ...]
+    recipe: FineTune
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "num_classes": self.num_classes,
+                "train_images_per_seed": self.train_images, "test_images": self.test_images,
+                "seeds": list(self.seeds), "baseline": Entry(NAIVE, 0, 1.0).name,
+                "recipe": asdict(self.recipe),
+                "rows": [row.summary() for row in self.rows]}
+
+
+def transfer(candidates: Sequence[Candidate], model_fn: Callable[[], nn.Module],
+             task: DataSplit, *, in_shape: Sequence[int], seeds: Union[int, Sequence[int]] = 5,
+             recipe: FineTune = FineTune(), device="cpu", progress: bool = False) -> TransferResult:
+    """Fine-tune every candidate on ``task`` with every seed (paired, see the module doc).
+
+    ``model_fn()`` builds the downstream network (``task.num_classes`` outputs) whose
+    classifier ``recipe.classifier`` is replaced; ``in_shape`` is the (C, H, W) the weights
+    were trained on.  Exactly one candidate must be naive transfer (method "naive",
+    step 0): the paired differences are taken against it.
+    """
+    check_input_shape(in_shape, task)
+    seeds = check_seeds(seeds)
+    keys = [(c.method, c.step) for c in candidates]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"candidates repeat a (method, step): {keys}")
+    if sum(c.is_baseline for c in candidates) != 1:
+        raise ValueError("exactly one candidate must be naive transfer (method 'naive', "
+                         "step 0: Θ^0)")
+    plans = [plan_seed(s, task, model_fn, recipe) for s in seeds]
+    steps_per_run = recipe.epochs * (plans[0].indices.numel() // recipe.batch_size)
+    acc = {k: [] for k in keys}
+    diverged = {k: [] for k in keys}
+    from tqdm.auto import tqdm
+    with tqdm(total=len(seeds) * len(candidates) * steps_per_run, disable=not progress,
+              desc=f"fine-tune {task.name}", unit="step", leave=False) as bar:
+        for plan in plans:
+            for c, key in zip(candidates, keys):
+                bar.set_postfix_str(f"seed {plan.seed}, {c.name}")
+                value, step = fine_tune(c.weights, model_fn, task, plan, recipe,
+                                        device=device, bar=bar)
+                acc[key].append(value)
+                if step is not None:
+                    diverged[key].append(plan.seed)
+    base = tuple(acc[(NAIVE, 0)])
+    rows = tuple(Row(c.method, c.step, c.factor, tuple(acc[k]), base, tuple(diverged[k]))
+                 for c, k in zip(candidates, keys))
+    return TransferResult(task.name, task.num_classes, plans[0].indices.numel(),
+                          len(task.test), tuple(seeds), rows, recipe)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_table(result: Union[TransferResult, dict]) -> str:
+    """The result as a Markdown table shaped like the paper's Table 1, with a legend."""
+    res = result.to_dict() if isinstance(result, TransferResult) else result
+    n = len(res["seeds"])
+    lines = [f"| method | ×n | accuracy (%) | Δ vs {res['baseline']} (points) |",
+             "|---|---|---:|---:|"]
+    for row in res["rows"]:
+        if row["method"] == NAIVE and row["step"] == 0:
+            diff = "reference"
+        else:
+            # + 0.0 turns the -0.0 of float noise (e.g. -1e-15 rounded) into +0.00.
+            diff = f"{round(row['diff_mean'], 9) + 0.0:+.2f} ± {row['diff_se']:.2f}"
+            if row["significant"]:
+                diff += " *"
+        acc = f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}"
+        if row["diverged"]:
+            acc += f" (diverged {len(row['diverged'])}/{n})"
+        lines.append(f"| {row['name']} | {row['label']} | {acc} | {diff} |")
+    lines.append("")
+    lines.append(f"{res['task']}: {res['num_classes']} classes, {res['train_images_per_seed']} "
+                 f"training images per seed, {res['test_images']} test images, {n} seeds. "
+                 f"Accuracy: mean ± std over seeds. Δ: mean paired difference ± its standard "
+                 f"error (same subset, head init and batch order per seed); "
+                 f"* its 95% confidence interval (t, {n - 1} d.o.f.) excludes 0.")
+    return "\n".join(lines)
+
+
+def plot_results(results: Sequence[Union[TransferResult, dict]], path: PathLike,
+                 title: str = "") -> None:
+    """PNG: per task, accuracy (± std) and paired Δ vs naive (± s.e.) against ×n, one line
+    per method (log2 axis); written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    results = [r.to_dict() if isinstance(r, TransferResult) else r for r in results]
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for (ax_acc, ax_diff), res in zip(axes, results):
+        methods = list(dict.fromkeys(row["method"] for row in res["rows"]))
+        for i, method in enumerate(methods):
+            rows = sorted((r for r in res["rows"] if r["method"] == method),
+                          key=lambda r: r["factor"])
+            x = [r["factor"] for r in rows]
+            style = dict(marker="os^vDP"[i % 6], capsize=3, label=rows[0]["name"],
+                         linestyle="--" if method == NAIVE else "-")
+            ax_acc.errorbar(x, [r["acc_mean"] for r in rows], [r["acc_std"] for r in rows],
+                            **style)
+            ax_diff.errorbar(x, [r["diff_mean"] for r in rows], [r["diff_se"] for r in rows],
+                             **style)
+        ax_diff.axhline(0.0, color="grey", linewidth=0.8)
+        for ax, ylabel in ((ax_acc, "test accuracy (%), mean ± std"),
+                           (ax_diff, f"Δ vs {res['baseline']} (points), mean ± s.e.")):
+            ax.set_xscale("log", base=2)
+            factors = sorted({row["factor"] for row in res["rows"]})
+            ax.set_xticks(factors, [factor_label(f) for f in factors])
+            ax.minorticks_off()
+            ax.set_xlabel("×n: data the weights stand for, relative to D^0")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{res['task']} ({len(res['seeds'])} paired seeds)")
+            ax.grid(alpha=0.3)
+        ax_acc.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,120 @@
+"""``know demo --quick`` end to end: CI's smoke test of the whole pipeline.
+
+Fashion-MNIST comes from Debian's dataset-fashion-mnist package when it is installed
+(/usr/share/datasets/fashion-mnist); where it is not (CI may lack it), the test writes small
+Fashion-MNIST-format IDX files of random images itself and passes --data-dir, so the
+numbers are then meaningless but every stage still runs.  The shipped KNOWN weights are
+replaced by an untrained KNOWN saved here (--known), except in the one test of the default.
+"""
+import json
+import math
+import re
+
+import pytest
+
+from know_kernels import KNOWN, data
+from know_kernels.cli import main
+from know_kernels.transfer import NAIVE, PAPER_ORDER
+from test_data import write_mnist_dir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory):
+    if all(any(data.DEBIAN_DIRS["fashion-mnist"].glob(f"{stem}*")) for stem in
+           ("train-images", "train-labels", "t10k-images", "t10k-labels")):
+        return []
+    directory = tmp_path_factory.mktemp("fashion-mnist")
+    write_mnist_dir(directory, n_train=4000, n_test=600)
+    return ["--data-dir", str(directory)]
+
+
+@pytest.fixture(scope="module")
+def known_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("known") / "known.safetensors"
+    KNOWN.init(seed=0).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, data_args, known_path):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    rc = main(["demo", "--quick", "--quiet", "--out", str(out), "--known", known_path,
+               *data_args])
+    return rc, out
+
+
+def test_quick_demo_writes_its_results(quick_run, capsys):
+    rc, out = quick_run
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md",
+                                                     "results.png"]  # no temporary left
+    results = json.loads((out / "results.json").read_text())
+    assert {"format", "config", "known", "source", "tasks", "timing", "machine"} <= set(results)
+    assert results["config"]["r"] == 0.5 and results["config"]["stages"] == 5
+    assert len(results["source"]["test_acc"]) == 5
+    assert set(results["tasks"]) == {"digits", "fashion-heldout"}
+    for name, task in results["tasks"].items():
+        assert task["seeds"] == [0, 1]
+        labels = {}
+        for row in task["rows"]:
+            labels.setdefault(row["method"], []).append(row["label"])
+            assert len(row["acc"]) == len(row["diff"]) == 2
+            for value in (*row["acc"], row["acc_mean"], row["acc_std"]):
+                assert math.isfinite(value) and 0.0 <= value <= 100.0, (name, row)
+            for value in (*row["diff"], row["diff_mean"], row["diff_se"]):
+                assert math.isfinite(value) and abs(value) <= 100.0, (name, row)
+        assert labels == {NAIVE: ["×1", "×0.5"],
+                          **{m: ["×2", "×4", "×8"] for m in PAPER_ORDER}}
+        naive = task["rows"][0]
+        assert naive["diff"] == [0.0, 0.0] and naive["diff_se"] == 0.0
+    md = (out / "results.md").read_text()
+    assert "| method | ×n | accuracy (%) | Δ vs Naive transfer ×1 (points) |" in md
+    for name in ("Naive transfer", "KNOWN", "TaskVector", "LinearFit", "LogFit", "ExpFit"):
+        assert f"| {name} | ×" in md
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds must be >= 2"),
+    (["--seeds", "1"], "--seeds must be >= 2"),
+    (["--methods", "known,foo"], "unknown method.*'foo'.*known, taskvector, linear, log, exp"),
+    (["--tasks", "cifar10"], "tasks: unknown.*'cifar10'"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, known_path, capsys):
+    monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion-mnist": tmp_path / "nowhere"})
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "out"),
+                 "--known", known_path, "--data-dir", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_known_with_other_snapshot_count_is_refused(tmp_path, data_args, capsys):
+    path = tmp_path / "known7.safetensors"
+    KNOWN.init(S=7).save(path)
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "out"),
+                 "--known", str(path), *data_args]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "S=7" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_demo_uses_the_shipped_known_by_default(tmp_path, data_args):
+    """Without --known the demo predicts with KNOWN.pretrained() (digits and KNOWN only,
+    to keep the test short)."""
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--tasks", "digits",
+                 "--methods", "known", *data_args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["known"]["source"] == "KNOWN.pretrained()"
+    assert results["known"]["provenance"] == KNOWN.pretrained().provenance
+    assert [row["method"] for row in results["tasks"]["digits"]["rows"]] == [NAIVE] * 2 + [
+        "known"] * 3
