@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "selftest", "predict", "collect", "meta_train")
+COMMANDS = ("info", "selftest", "predict", "collect", "meta_train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
