@@ -117,3 +117,12 @@ def test_pretrained_missing_file_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(heads, "PRETRAINED", tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="shipped KNOWN weights are missing"):
         heads.KNOWN.pretrained()
+
+
+def test_saved_files_get_the_default_mode_not_the_temp_files(tmp_path):
+    # Outputs go through a private temporary file; the final file must be readable by
+    # whoever could read any other new file (the shipped weights once were 0600).
+    from know_kernels.fileio import _UMASK
+    path = tmp_path / "k.safetensors"
+    KNOWN.init().save(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK
