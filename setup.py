@@ -35,12 +35,15 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={cfg}",
             "-GNinja",
         ]
+        # Every option is passed on every build: the cache of an earlier build keeps
+        # whatever it was given last, e.g. a KNOW_KERNELS_NO_CUDA=1 build's OFF.
         if os.environ.get("KNOW_KERNELS_NO_CUDA"):
             args.append("-DKNOW_WITH_CUDA=OFF")
-        elif NVCC:
-            args.append(f"-DCMAKE_CUDA_COMPILER={NVCC}")  # also when only CUDA_HOME names it
-        if not (build_temp / "CMakeCache.txt").exists():
-            subprocess.run(["cmake", str(ROOT / "csrc"), *args], cwd=build_temp, check=True)
+        else:
+            args.append("-DKNOW_WITH_CUDA=ON")
+            if NVCC:
+                args.append(f"-DCMAKE_CUDA_COMPILER={NVCC}")  # also when only CUDA_HOME names it
+        subprocess.run(["cmake", str(ROOT / "csrc"), *args], cwd=build_temp, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", "--build", ".", "--target", ext.target, "-j", jobs],
                        cwd=build_temp, check=True)
