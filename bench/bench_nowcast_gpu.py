@@ -133,13 +133,18 @@ def eager_ms_per_row(head: KNOWNHead) -> float:
     return ms / EAGER_ROWS
 
 
-def table(sizes) -> None:
+def print_provenance() -> None:
+    """Card, software, date, commit and command (bench_l1_gpu.py prints them too)."""
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2 ** 30:.0f} GiB; torch {torch.__version__}, CUDA "
           f"{torch.version.cuda}")
     print(f"date: {datetime.date.today().isoformat()}; commit: {commit()}")
     print(f"command: python {' '.join(sys.argv)}")
+
+
+def table(sizes) -> None:
+    print_provenance()
     for backend in ("triton", "cuda"):
         print(f"backend {backend}: {backend_status(backend, 'cuda')[1]}")
     ceilings = matmul_ceilings()

@@ -13,6 +13,23 @@
 
 namespace py = pybind11;
 
+namespace {
+
+// The fields the kernels' argument structs share, from a binding's arguments.
+template <class Args>
+void set_rows_and_head(Args& a, uintptr_t rows, const std::string& in_dtype, int64_t n_rows,
+                       int S, uintptr_t packed, int64_t packed_size, const std::string& norm) {
+  a.rows = reinterpret_cast<const void*>(rows);
+  a.in_dtype = know::parse_dtype(in_dtype, "in_dtype");
+  a.n_rows = n_rows;
+  a.S = S;
+  a.packed = reinterpret_cast<const float*>(packed);
+  a.packed_size = packed_size;
+  a.norm = know::parse_norm(norm);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "know-kernels CPU extension";
   m.def("cpu_features", []() {
@@ -37,13 +54,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& out_dtype, int threads, const std::string& isa, int64_t row_begin,
          std::optional<int64_t> row_end) {
         know::NowcastArgs a;
-        a.rows = reinterpret_cast<const void*>(rows);
-        a.in_dtype = know::parse_dtype(in_dtype, "in_dtype");
-        a.n_rows = n_rows;
-        a.S = S;
-        a.packed = reinterpret_cast<const float*>(packed);
-        a.packed_size = packed_size;
-        a.norm = know::parse_norm(norm);
+        set_rows_and_head(a, rows, in_dtype, n_rows, S, packed, packed_size, norm);
         a.steps = steps;
         a.all_steps = all_steps;
         a.out = reinterpret_cast<void*>(out);
@@ -61,6 +72,26 @@ PYBIND11_MODULE(_C, m) {
       "Fused KNOWN prediction of rows [row_begin, row_end) (default: all) of a contiguous "
       "(n_rows, S) array at address rows, into out ((n_rows, steps) if all_steps else "
       "(n_rows,)).  Addresses are raw pointers; see know_kernels/ops/nowcast_cpu.py.");
+  m.def(
+      "l1",
+      [](uintptr_t rows, const std::string& in_dtype, int64_t n_rows, int S, uintptr_t target,
+         uintptr_t packed, int64_t packed_size, const std::string& norm,
+         const std::string& loss_space, uintptr_t grad, int threads, const std::string& isa) {
+        know::L1Args a;
+        set_rows_and_head(a, rows, in_dtype, n_rows, S, packed, packed_size, norm);
+        a.target = reinterpret_cast<const float*>(target);
+        a.normalised_loss = know::parse_loss_space(loss_space);
+        a.grad = reinterpret_cast<float*>(grad);
+        a.threads = threads;
+        return know::l1(a, isa);
+      },
+      py::arg("rows"), py::arg("in_dtype"), py::arg("n_rows"), py::arg("S"), py::arg("target"),
+      py::arg("packed"), py::arg("packed_size"), py::arg("norm"), py::arg("loss_space"),
+      py::arg("grad"), py::arg("threads"), py::arg("isa"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused L1 training step over a contiguous (n_rows, S) array at address rows against "
+      "n_rows float32 targets: writes d(sum |e|)/d(packed) to grad (packed_size floats) and "
+      "returns sum |e|.  Addresses are raw pointers; see know_kernels/ops/l1_cpu.py.");
   m.def("nowcast_tile_rows", &know::nowcast_tile_rows, py::arg("isa"),
         "Rows per tile of the fused kernel for one instruction set.");
   m.def("compiled_isas", &know::compiled_isas,

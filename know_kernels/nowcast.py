@@ -28,12 +28,14 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-def _kernel_module(name: str):
-    return importlib.import_module(f"know_kernels.ops.nowcast_{name}")
+def _kernel_module(name: str, op: str = "nowcast"):
+    return importlib.import_module(f"know_kernels.ops.{op}_{name}")
 
 
-def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
-    """Whether backend ``name`` can run on ``device`` here, and if not, why."""
+def backend_status(name: str, device: torch.device | str = "cpu", *,
+                   op: str = "nowcast") -> tuple[bool, str]:
+    """Whether backend ``name`` of ``op`` (``ops/<op>_<name>.py``) can run on ``device``
+    here, and if not, why."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS + ('auto',)}")
     if name == "reference":
@@ -41,15 +43,16 @@ def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool,
             return False, "no CUDA device visible to torch"
         return True, "plain PyTorch"
     try:
-        module = _kernel_module(name)
+        module = _kernel_module(name, op)
     except ImportError as exc:
         return False, f"not importable: {exc}"
     return module.available(torch.device(device))
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *,
+                    op: str = "nowcast") -> str:
     if backend != "auto":
-        ok, why = backend_status(backend, device)
+        ok, why = backend_status(backend, device, op=op)
         if not ok:
             raise RuntimeError(f"backend {backend!r} is not usable on {device}: {why}")
         return backend
@@ -57,9 +60,21 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return "reference"  # the fused kernels compute in float32; float64 asks for the truth
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for name in order:
-        if backend_status(name, device)[0]:
+        if backend_status(name, device, op=op)[0]:
             return name
     return "reference"
+
+
+def check_rows(rows, head) -> None:
+    """rows: a 2-D (N, head.S) tensor of a dtype some backend takes."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError(f"rows must be a 2-D (N, S) tensor, got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows)}")
+    if rows.shape[1] != head.S:
+        raise ValueError(f"rows have {rows.shape[1]} snapshots per row but the head expects "
+                         f"S={head.S}")
+    if rows.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"rows dtype {rows.dtype} not supported; use one of {REFERENCE_DTYPES}")
 
 
 @torch.no_grad()
@@ -73,14 +88,7 @@ def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = N
     ``out_dtype`` (default: the rows' dtype), or writes into ``out`` when given.
     ``norm=None`` uses the head's own normalisation.
     """
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
-        raise ValueError(f"rows must be a 2-D (N, S) tensor, got "
-                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows)}")
-    if rows.shape[1] != head.S:
-        raise ValueError(f"rows have {rows.shape[1]} snapshots per row but the head expects "
-                         f"S={head.S}")
-    if rows.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"rows dtype {rows.dtype} not supported; use one of {REFERENCE_DTYPES}")
+    check_rows(rows, head)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     norm = check_norm(head.norm if norm is None else norm)

@@ -75,20 +75,26 @@ extern "C" int know_emu_nowcast(std::uintptr_t rows, int rows_dtype, std::uintpt
 """
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def emulated_library(build, source, shim):
+    """csrc/cuda/<source> and a C++ shim exposing it, compiled as C++ for the CPU emulator
+    into one shared library in the folder ``build`` (test_l1_cuda_build.py uses it too)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the emulated build")
-    build = tmp_path_factory.mktemp("cuda_emulated")
-    (build / "shim.cpp").write_text(SHIM)
-    lib = build / "libknow_cuda_emulated.so"
+    (build / "shim.cpp").write_text(shim)
+    lib = build / f"lib{Path(source).stem}_emulated.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DKNOW_CUDA_EMULATE",
-           "-I", str(CUDA_DIR), "-x", "c++", str(CUDA_DIR / "nowcast.cu"), "-x", "none",
+           "-I", str(CUDA_DIR), "-x", "c++", str(CUDA_DIR / source), "-x", "none",
            str(build / "shim.cpp"), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"emulated build failed:\n{done.stderr}"
-    fn = ctypes.CDLL(str(lib)).know_emu_nowcast
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    fn = emulated_library(tmp_path_factory.mktemp("cuda_emulated"), "nowcast.cu",
+                          SHIM).know_emu_nowcast
     fn.argtypes = ([ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
                     ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 6
                    + [ctypes.c_char_p, ctypes.c_int])

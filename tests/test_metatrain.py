@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from know_kernels import KNOWN
+from know_kernels.cli import build_parser
 from know_kernels.metatrain import (MetaTrainConfig, baseline_predictors, evaluate,
                                     known_predictor, load_state, meta_train, split_runs,
                                     window_batches, windows)
@@ -58,8 +58,10 @@ def test_batches_cover_every_window_once(tmp_path):
 
 
 def config(**kw):
+    # The synthetic store is all "digits": hold out by architecture only.
     base = dict(epochs=2, batch_size=256, lr=3e-3, chunk_rows=200, mix_chunks=3,
-                checkpoint_every=5, heads=("fc", "bias"), reg_bias=0.0)
+                checkpoint_every=5, heads=("fc", "bias"), reg_bias=0.0,
+                val_architectures=("densenet",), val_datasets=())
     base.update(kw)
     return MetaTrainConfig(**base)
 
@@ -111,3 +113,15 @@ def test_bad_configuration(tmp_path):
         meta_train(store, config(), checkpoint=tmp_path / "none.ckpt", resume=True)
     with pytest.raises(ValueError, match="no training windows"):
         meta_train(store, config(S=7))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        meta_train(store, config(backend="tpu"))
+
+
+def test_cli_backend_option():
+    parser = build_parser()
+    args = parser.parse_args(["meta-train", "store", "--out", "k.safetensors"])
+    assert args.backend == "auto" == MetaTrainConfig.backend
+    args = parser.parse_args(["meta-train", "store", "--out", "k", "--backend", "reference"])
+    assert args.backend == "reference"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["meta-train", "store", "--out", "k", "--backend", "tpu"])

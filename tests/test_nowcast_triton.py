@@ -177,8 +177,10 @@ def test_bad_arguments_are_named():
         nt.run(rows.double(), packed, S=5, norm="wnn", steps=1, out=out)
 
 
-def _compile(cc, precision, rows_dtype, all_steps):
-    """Runs in the non-interpreting worker: the PTX of one kernel variant, or why not."""
+def compile_ptx(kernel, signature, constexprs, cc, config):
+    """Runs in the non-interpreting worker: the PTX of the autotuned ``kernel`` (a module's
+    lazy ``_kernel``) for compute capability ``cc`` with one autotune ``config``, or None
+    and why not.  test_l1_triton.py uses it too."""
     import triton
     from triton.compiler import ASTSource
     try:
@@ -186,18 +188,23 @@ def _compile(cc, precision, rows_dtype, all_steps):
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as exc:
         return None, f"triton's NVIDIA backend is not installed ({exc})"
-    block_m, chunk, warps, stages = nt.AUTOTUNE_CONFIGS[-1]
-    signature = {"rows_ptr": f"*{rows_dtype}", "packed_ptr": "*fp32", "out_ptr": "*fp32",
-                 "N": "i64", "steps": "i32", "n_bucket": "i32"}
-    constexprs = {"S": 5, "KP": 16, "WNN": True, "ALL_STEPS": all_steps,
-                  "PRECISION": precision, "BLOCK_M": block_m, "HCHUNK": chunk}
-    signature.update({name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=nt._kernel().fn, signature=signature,
+    block_m, chunk, warps, stages = config
+    constexprs = {**constexprs, "BLOCK_M": block_m, "HCHUNK": chunk}
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(fn=kernel().fn, signature=signature,
                                         constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], "no cubin produced"
     return compiled.asm["ptx"], ""
+
+
+def _compile(cc, precision, rows_dtype, all_steps):
+    signature = {"rows_ptr": f"*{rows_dtype}", "packed_ptr": "*fp32", "out_ptr": "*fp32",
+                 "N": "i64", "steps": "i32", "n_bucket": "i32"}
+    constexprs = {"S": 5, "KP": 16, "WNN": True, "ALL_STEPS": all_steps,
+                  "PRECISION": precision}
+    return compile_ptx(nt._kernel, signature, constexprs, cc, nt.AUTOTUNE_CONFIGS[-1])
 
 
 @pytest.mark.parametrize("cc,precision,rows_dtype,all_steps", [

@@ -1,4 +1,4 @@
-// Argument checking and instruction-set dispatch for the fused CPU kernel.  Compiled with
+// Argument checking and instruction-set dispatch for the fused CPU kernels.  Compiled with
 // the build's baseline flags only: it must run on any processor, to say which kernel can.
 #include "cpu/nowcast_dispatch.h"
 
@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/l1_kernel.h"
+#include "packed_layout.h"
 
 namespace know {
 namespace {
@@ -25,12 +27,14 @@ struct IsaKernel {
   void (*vec_exp)(const float*, float*, int64_t);
   void (*vec_exp2)(const float*, float*, int64_t);
   void (*vec_tanh)(const float*, float*, int64_t);
+  int64_t (*l1_workspace_floats)(int, int);
+  double (*l1)(const L1Args&, float*);
 };
 
 #define KNOW_ISA_KERNEL(ns, needs, runnable)                                          \
   IsaKernel {                                                                         \
     #ns, needs, runnable, &ns::tile_rows, &ns::workspace_floats, &ns::nowcast,        \
-        &ns::vec_exp, &ns::vec_exp2, &ns::vec_tanh                                    \
+        &ns::vec_exp, &ns::vec_exp2, &ns::vec_tanh, &ns::l1_workspace_floats, &ns::l1 \
   }
 
 // Best first.  The feature lists match the flags CMakeLists.txt compiles each copy with.
@@ -82,14 +86,26 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-// Length of the packed head vector for S snapshots (packing.packed_size).
-int64_t packed_size(int S) {
-  constexpr int64_t kHidden = 64, kBottleneck = 8, kOutHidden = 32;
-  int64_t total = 0;
-  for (int64_t n = S; n >= S - 1; --n)
-    total += (n + 1) * (kHidden + kBottleneck) + 2 * (kBottleneck + 1) * kHidden +
-             (kHidden + kBottleneck + 1) * kOutHidden;
-  return total + 2 * kOutHidden + 1;
+// The checks nowcast() and l1() share; widest is the most values per row either indexes.
+void check_common(int64_t n_rows, int S, int threads, const float* packed, int64_t size,
+                  int64_t widest) {
+  require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
+  require(S >= 2, "S must be >= 2 (the d stream needs a difference), got " + std::to_string(S));
+  require(threads >= 1, "threads must be >= 1, got " + std::to_string(threads));
+  require(packed != nullptr, "packed is a null pointer");
+  const int64_t expected = packed_head(S).size;
+  require(size == expected, "packed has " + std::to_string(size) + " floats, expected " +
+                                std::to_string(expected) + " for S=" + std::to_string(S));
+  require(n_rows <= std::numeric_limits<int64_t>::max() / widest,
+          "n_rows is too large to index (" + std::to_string(n_rows) + ")");
+}
+
+std::unique_ptr<float, FreeDeleter> workspace(int64_t floats) {
+  const int64_t bytes = floats * int64_t(sizeof(float));
+  std::unique_ptr<float, FreeDeleter> ws(
+      static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+  if (!ws) throw std::bad_alloc();
+  return ws;
 }
 
 }  // namespace
@@ -123,20 +139,18 @@ Norm parse_norm(const std::string& name) {
   throw std::invalid_argument("norm must be 'wnn' or 'raw'; got '" + name + "'");
 }
 
+bool parse_loss_space(const std::string& name) {
+  if (name == "normalised") return true;
+  if (name == "original") return false;
+  throw std::invalid_argument("loss_space must be 'original' or 'normalised'; got '" + name +
+                              "'");
+}
+
 void nowcast(const NowcastArgs& args, const std::string& isa) {
   const IsaKernel& kernel = kernel_for(isa);
-  require(args.n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(args.n_rows));
-  require(args.S >= 2, "S must be >= 2 (the d stream needs a difference), got " +
-                           std::to_string(args.S));
   require(args.steps >= 1, "steps must be >= 1, got " + std::to_string(args.steps));
-  require(args.threads >= 1, "threads must be >= 1, got " + std::to_string(args.threads));
-  require(args.packed != nullptr, "packed is a null pointer");
-  require(args.packed_size == packed_size(args.S),
-          "packed has " + std::to_string(args.packed_size) + " floats, expected " +
-              std::to_string(packed_size(args.S)) + " for S=" + std::to_string(args.S));
-  const int64_t widest = args.S > args.steps ? args.S : args.steps;
-  require(args.n_rows <= std::numeric_limits<int64_t>::max() / widest,
-          "n_rows is too large to index (" + std::to_string(args.n_rows) + ")");
+  check_common(args.n_rows, args.S, args.threads, args.packed, args.packed_size,
+               args.S > args.steps ? args.S : args.steps);
   require(0 <= args.row_begin && args.row_begin <= args.row_end && args.row_end <= args.n_rows,
           "row range [" + std::to_string(args.row_begin) + ", " + std::to_string(args.row_end) +
               ") is not inside [0, n_rows=" + std::to_string(args.n_rows) + "]");
@@ -147,11 +161,22 @@ void nowcast(const NowcastArgs& args, const std::string& isa) {
   NowcastArgs a = args;
   const int64_t tiles = (a.row_end - a.row_begin + kernel.tile_rows() - 1) / kernel.tile_rows();
   if (a.threads > tiles) a.threads = int(tiles);  // idle threads would only cost scratch
-  const int64_t bytes = kernel.workspace_floats(a.S, a.threads) * int64_t(sizeof(float));
-  std::unique_ptr<float, FreeDeleter> workspace(
-      static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-  if (!workspace) throw std::bad_alloc();
-  kernel.nowcast(a, workspace.get());
+  kernel.nowcast(a, workspace(kernel.workspace_floats(a.S, a.threads)).get());
+}
+
+double l1(const L1Args& args, const std::string& isa) {
+  const IsaKernel& kernel = kernel_for(isa);
+  check_common(args.n_rows, args.S, args.threads, args.packed, args.packed_size, args.S);
+  require(args.grad != nullptr, "grad is a null pointer");
+  if (args.n_rows > 0) {
+    require(args.rows != nullptr, "rows is a null pointer");
+    require(args.target != nullptr, "target is a null pointer");
+  }
+  L1Args a = args;
+  const int64_t block_rows = int64_t(kernel.tile_rows()) * kL1BlockTiles;
+  const int64_t blocks = (a.n_rows + block_rows - 1) / block_rows;
+  if (a.threads > blocks) a.threads = blocks > 0 ? int(blocks) : 1;
+  return kernel.l1(a, workspace(kernel.l1_workspace_floats(a.S, a.threads)).get());
 }
 
 void vec_math(const std::string& fn, const float* x, float* y, int64_t n,

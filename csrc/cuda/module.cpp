@@ -7,9 +7,11 @@
 
 #include <stdexcept>
 
+#include "l1.cuh"
 #include "nowcast.cuh"
 
 namespace py = pybind11;
+using know::cuda::L1Args;
 using know::cuda::NowcastArgs;
 
 namespace {
@@ -18,10 +20,21 @@ void check(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("know_kernels._cuda: " + error);
 }
 
+// Runs a launcher without the GIL (it may wait on the driver) and raises its error.
+template <typename Args>
+void queue(std::string (*launch)(const Args&), const Args& args) {
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = launch(args);
+  }
+  check(error);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference)";
+  m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference and L1 training step)";
   m.attr("MAX_WINDOW") = know::cuda::kMaxWindow;
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(know::cuda::kFloat32),
                                    py::arg("bfloat16") = int(know::cuda::kBFloat16),
@@ -57,18 +70,37 @@ PYBIND11_MODULE(_cuda, m) {
           a.exp_mode = exp_mode;
           a.stream = stream;
           a.device = device;
-          std::string error;
-          {
-            py::gil_scoped_release release;
-            error = know::cuda::nowcast(a);
-          }
-          check(error);
+          queue(know::cuda::nowcast, a);
         },
         py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("steps"),
         py::arg("all_steps"), py::arg("precise"), py::arg("exp_mode"), py::arg("stream"),
         py::arg("device"),
         "Queue the fused kernel on `stream`.  Pointers are device addresses.");
+  m.def("l1_workspace_floats",
+        [](std::int64_t n, int S, int device) {
+          std::int64_t floats = 0;
+          check(know::cuda::l1_workspace_floats(n, S, device, &floats));
+          return floats;
+        },
+        py::arg("n"), py::arg("S"), py::arg("device"),
+        "Floats of float32 workspace that l1_loss needs for n rows on `device`.");
+  m.def("l1_loss",
+        [](std::uintptr_t rows, int rows_dtype, std::uintptr_t target, std::uintptr_t packed,
+           std::uintptr_t grad, std::uintptr_t loss, std::uintptr_t workspace,
+           std::int64_t workspace_floats, std::int64_t n, int S, bool wnn, bool normalised,
+           std::uintptr_t stream, int device) {
+          queue(know::cuda::l1_loss, L1Args{rows, rows_dtype, target, packed, grad, loss,
+                                            workspace, workspace_floats, n, S, wnn, normalised,
+                                            stream, device});
+        },
+        py::arg("rows"), py::arg("rows_dtype"), py::arg("target"), py::arg("packed"),
+        py::arg("grad"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_floats"),
+        py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("normalised"), py::arg("stream"),
+        py::arg("device"),
+        "Queue the fused L1 training step on `stream`: overwrites grad (packed size) with "
+        "d(sum |e|)/d(packed) and loss (one float) with sum |e|.  Pointers are device "
+        "addresses.");
   m.def("exp_throughput",
         [](int exp_mode, std::uintptr_t out, std::int64_t threads, int iters,
            std::uintptr_t stream, int device) {

@@ -28,14 +28,12 @@
 #include <algorithm>
 
 #include "device.cuh"
+#include "folded.cuh"
 #include "nowcast.cuh"
 
 namespace know::cuda {
 namespace {
 
-constexpr int kHidden = 64, kBottleneck = 8, kOutHidden = 32;
-constexpr float kLeakySlope = 0.3f;
-constexpr float kWnnEps = 1e-8f + 1e-5f;
 constexpr int kWarps = 8;                  // warps per block
 constexpr int kSlabs = 2;                  // 16-row slabs per warp tile
 constexpr int kTileRows = 16 * kSlabs;
@@ -71,33 +69,6 @@ struct Params {
   int steps;
   bool all_steps;
 };
-
-// Offsets of one stream's folded tensors in the packed vector (layout: packing.py).
-struct StreamLayout {
-  int w1, b1, g, gb, wb, bb, wc, bc, w2, a2, b2;
-};
-
-__device__ __forceinline__ int stream_size(int n) {
-  return n * kHidden + kHidden + n * kBottleneck + kBottleneck +
-         2 * (kBottleneck * kHidden + kHidden) + kHidden * kOutHidden +
-         kBottleneck * kOutHidden + kOutHidden;
-}
-
-__device__ __forceinline__ StreamLayout stream_layout(int base, int n) {
-  StreamLayout s;
-  s.w1 = base;
-  s.b1 = s.w1 + n * kHidden;
-  s.g = s.b1 + kHidden;
-  s.gb = s.g + n * kBottleneck;
-  s.wb = s.gb + kBottleneck;
-  s.bb = s.wb + kBottleneck * kHidden;
-  s.wc = s.bb + kHidden;
-  s.bc = s.wc + kBottleneck * kHidden;
-  s.w2 = s.bc + kHidden;
-  s.a2 = s.w2 + kHidden * kOutHidden;
-  s.b2 = s.a2 + kBottleneck * kOutHidden;
-  return s;
-}
 
 // Row of the weight matrix that k index kk of an A fragment built from an accumulator
 // meets: k = t holds accumulator column 2t, k = t + 4 holds column 2t + 1.
@@ -154,27 +125,6 @@ __device__ void stage_weights(float* smem, const float* packed, int S) {
   __syncthreads();
 }
 
-struct AFrag {
-  std::uint32_t big[4];
-  std::uint32_t small[4];
-};
-struct BFrag {
-  std::uint32_t big[2];
-  std::uint32_t small[2];
-};
-
-template <bool kPrecise>
-__device__ __forceinline__ AFrag split(float a0, float a1, float a2, float a3) {
-  AFrag f;
-  const float a[4] = {a0, a1, a2, a3};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f.big[i] = to_tf32(a[i]);
-    if (kPrecise) f.small[i] = to_tf32(a[i] - as_float(f.big[i]));
-  }
-  return f;
-}
-
 template <bool kPrecise>
 __device__ __forceinline__ BFrag load_b(const float* big, const float* small, int frag,
                                         int lane) {
@@ -188,16 +138,6 @@ __device__ __forceinline__ BFrag load_b(const float* big, const float* small, in
     b.small[1] = __float_as_uint(lo.y);
   }
   return b;
-}
-
-// d += a * b; the small cross terms go first so they are not lost behind the big one.
-template <bool kPrecise>
-__device__ __forceinline__ void mma(float (&d)[4], const AFrag& a, const BFrag& b) {
-  if (kPrecise) {
-    mma_tf32(d, a.small, b.big);
-    mma_tf32(d, a.big, b.small);
-  }
-  mma_tf32(d, a.big, b.big);
 }
 
 // One stream for the warp's kSlabs slabs of 16 rows; adds each lane's share of the head's
@@ -280,12 +220,6 @@ __device__ __forceinline__ void run_stream(const float* big, const float* small,
       }
     }
   }
-}
-
-__device__ __forceinline__ float load_value(const void* rows, int dtype, std::int64_t i) {
-  if (dtype == kBFloat16) return bfloat16_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
-  if (dtype == kFloat16) return half_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
-  return __ldg(static_cast<const float*>(rows) + i);
 }
 
 __device__ __forceinline__ void store_value(void* out, int dtype, std::int64_t i, float v) {

@@ -10,8 +10,10 @@ from tqdm import tqdm
 
 from ..fileio import atomic_path
 from ..heads import KNOWN
-from ..metatrain import (LOSS_SPACES, MetaTrainConfig, baseline_predictors, evaluate,
-                         known_predictor, meta_train, split_runs)
+from ..l1 import LOSS_SPACES
+from ..metatrain import (MetaTrainConfig, baseline_predictors, evaluate, known_predictor,
+                         meta_train, split_runs)
+from ..nowcast import BACKENDS
 from ..reference import NORMS
 from ..routing import HEADS
 from ..store import MetaDataset
@@ -24,10 +26,12 @@ def _csv(text: str) -> tuple:
 
 
 def _add_split(p) -> None:
-    p.add_argument("--val-arch", type=_csv, default=("densenet",),
-                   help="held-out architectures, comma separated (default densenet)")
-    p.add_argument("--val-dataset", type=_csv, default=(),
-                   help="held-out datasets, comma separated (default none)")
+    p.add_argument("--val-arch", type=_csv, default=MetaTrainConfig.val_architectures,
+                   help="held-out architectures, comma separated (default: "
+                        f"{','.join(MetaTrainConfig.val_architectures)})")
+    p.add_argument("--val-dataset", type=_csv, default=MetaTrainConfig.val_datasets,
+                   help="held-out datasets, comma separated (default: "
+                        f"{','.join(MetaTrainConfig.val_datasets)})")
     p.add_argument("--authors", default=None,
                    help="directory with the authors' KNOWN_{Conv,FC,Bias}.h5, to compare with")
 
@@ -44,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--heads", type=_csv, default=HEADS)
     p.add_argument("--S", type=int, default=MetaTrainConfig.S)
     p.add_argument("--seed", type=int, default=MetaTrainConfig.seed)
+    p.add_argument("--backend", choices=BACKENDS + ("auto",), default=MetaTrainConfig.backend,
+                   help="l1_loss backend (default auto: the fused kernel for the device)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     _add_split(p)
@@ -102,7 +108,7 @@ def run_train(args) -> int:
     cfg = MetaTrainConfig(S=args.S, norm=args.norm, loss_space=args.loss_space,
                           heads=tuple(args.heads), batch_size=args.batch_size, lr=args.lr,
                           epochs=args.epochs, seed=args.seed, val_architectures=tuple(args.val_arch),
-                          val_datasets=tuple(args.val_dataset)).check()
+                          val_datasets=tuple(args.val_dataset), backend=args.backend).check()
     ckpt = out.with_name(out.name + ".ckpt")
     bars = {}
 

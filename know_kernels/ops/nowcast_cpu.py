@@ -58,16 +58,21 @@ def tile_rows(which: Optional[str] = None) -> int:
     return _ext.require_C().nowcast_tile_rows(which or isa())
 
 
-def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
-        out: torch.Tensor, threads: Optional[int]) -> None:
-    C = _ext.require_C()
-    for name, t in (("rows", rows), ("packed", packed), ("out", out)):
+def check_tensors(rows: torch.Tensor, S: int, **others: torch.Tensor) -> None:
+    """All contiguous CPU tensors, rows (N, S) of a dtype the kernels read."""
+    for name, t in (("rows", rows), *others.items()):
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous CPU tensor")
     if rows.dim() != 2 or rows.shape[1] != S:
         raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
     if rows.dtype not in DTYPE_NAMES:
         raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
+
+
+def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
+        out: torch.Tensor, threads: Optional[int]) -> None:
+    C = _ext.require_C()
+    check_tensors(rows, S, packed=packed, out=out)
     if out.dtype not in DTYPE_NAMES:
         raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
     if packed.dtype != torch.float32 or packed.dim() != 1:

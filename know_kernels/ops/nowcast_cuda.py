@@ -63,6 +63,23 @@ def available(device: torch.device) -> tuple[bool, str]:
     return True, f"tensor-core kernel ({_cuda.build_info()})"
 
 
+def check_tensors(rows: torch.Tensor, S: int, **others: torch.Tensor) -> None:
+    """All contiguous CUDA tensors on the rows' device, rows (N, S) of a dtype the kernels
+    read, and S a window the kernels take."""
+    for name, t in (("rows", rows), *others.items()):
+        if t.device.type != "cuda" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CUDA tensor, got {t.device} "
+                             f"(contiguous={t.is_contiguous()})")
+        if t.device != rows.device:
+            raise ValueError(f"{name} is on {t.device} but rows are on {rows.device}")
+    if rows.dim() != 2 or rows.shape[1] != S:
+        raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
+    if not 2 <= S <= module().MAX_WINDOW:
+        raise ValueError(f"the cuda backend takes 2 <= S <= {module().MAX_WINDOW}, got S={S}")
+    if rows.dtype not in DTYPE_NAMES:
+        raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
+
+
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int] = None, mode: str = "precise",
         exp: str = "mixed") -> None:
@@ -75,18 +92,7 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if exp not in EXP_MODES:
         raise ValueError(f"exp must be one of {EXP_MODES}, got {exp!r}")
-    for name, t in (("rows", rows), ("packed", packed), ("out", out)):
-        if t.device.type != "cuda" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CUDA tensor, got {t.device} "
-                             f"(contiguous={t.is_contiguous()})")
-        if t.device != rows.device:
-            raise ValueError(f"{name} is on {t.device} but rows are on {rows.device}")
-    if rows.dim() != 2 or rows.shape[1] != S:
-        raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
-    if not 2 <= S <= C.MAX_WINDOW:
-        raise ValueError(f"the cuda backend takes 2 <= S <= {C.MAX_WINDOW}, got S={S}")
-    if rows.dtype not in DTYPE_NAMES:
-        raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
+    check_tensors(rows, S, packed=packed, out=out)
     if out.dtype not in DTYPE_NAMES:
         raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
     if packed.dtype != torch.float32 or packed.numel() != packed_size(S):

@@ -29,7 +29,8 @@ functions of its own library (``tl.sum``, ``tl.zeros`` ...) when ``triton.langua
 first imported, and a kernel only runs if it and that library were wrapped the same way.
 So the variable must be set before triton is first imported; ``available`` reports a
 process where it changed afterwards, and the kernel itself is wrapped lazily, in the mode
-of the library.
+of the library.  Its device functions (one stream's forward pass, the normalisation, the
+tanh), which ``l1_triton`` shares, are wrapped when this module is imported.
 """
 from __future__ import annotations
 
@@ -71,6 +72,105 @@ if triton is not None:
     _EPS = tl.constexpr(WNN_EPS)
 
 
+def _device(fn):
+    """A Triton device function (called from kernels, inlined there); the kernels of this
+    module and of ``l1_triton`` share these."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_device
+def stream_offsets(base, n):
+    """Offsets of b1, g, gb, wb, bb, wc, bc, w2, a2, b2 of the stream whose w1 starts at
+    ``base`` (input width ``n``) in the packed vector (layout: ``packing.py``)."""
+    b1 = base + n * _HID
+    g = b1 + _HID
+    gb = g + n * _BOT
+    wb = gb + _BOT
+    bb = wb + _BOT * _HID
+    wc = bb + _HID
+    bc = wc + _BOT * _HID
+    w2 = bc + _HID
+    a2 = w2 + _HID * _OUT
+    b2 = a2 + _BOT * _OUT
+    return b1, g, gb, wb, bb, wc, bc, w2, a2, b2
+
+
+@_device
+def bottleneck_tiles(packed_ptr, base, n, KP: tl.constexpr):
+    """g (KP x 16), gb (1 x 16) and a2 (16 x 32) of one stream, zero past the real rows and
+    columns (tiles padded to what tl.dot accepts)."""
+    _, g_o, gb_o, _, _, _, _, _, a2_o, _ = stream_offsets(base, n)
+    r = tl.arange(0, KP)[:, None]
+    rb = tl.arange(0, _PAD)[:, None]
+    cb = tl.arange(0, _PAD)[None, :]
+    g = tl.load(packed_ptr + g_o + r * _BOT + cb, mask=(r < n) & (cb < _BOT), other=0.0)
+    gb = tl.load(packed_ptr + gb_o + cb, mask=cb < _BOT, other=0.0)
+    a2 = tl.load(packed_ptr + a2_o + rb * _OUT + tl.arange(0, _OUT)[None, :], mask=rb < _BOT,
+                 other=0.0)
+    return g, gb, a2
+
+
+@_device
+def hidden_chunk(inp, z, packed_ptr, base, n, c0, KP: tl.constexpr, HCHUNK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Hidden units c0 .. c0 + HCHUNK of one stream: h, c, e = exp(c h), p = b e, and the
+    weight tiles wb, wc, w2 of the chunk (the backward pass multiplies by them again)."""
+    b1, _, _, wb_o, bb, wc_o, bc, w2_o, _, _ = stream_offsets(base, n)
+    r = tl.arange(0, KP)[:, None]
+    rb = tl.arange(0, _PAD)[:, None]
+    cc = c0 + tl.arange(0, HCHUNK)[None, :]
+    w1 = tl.load(packed_ptr + base + r * _HID + cc, mask=r < n, other=0.0)
+    wb = tl.load(packed_ptr + wb_o + rb * _HID + cc, mask=rb < _BOT, other=0.0)
+    wc = tl.load(packed_ptr + wc_o + rb * _HID + cc, mask=rb < _BOT, other=0.0)
+    w2 = tl.load(packed_ptr + w2_o + (c0 + tl.arange(0, HCHUNK))[:, None] * _OUT
+                 + tl.arange(0, _OUT)[None, :])
+    h = tl.dot(inp, w1, input_precision=PRECISION) + tl.load(packed_ptr + b1 + cc)
+    b = tl.dot(z, wb, input_precision=PRECISION) + tl.load(packed_ptr + bb + cc)
+    c = tl.dot(z, wc, input_precision=PRECISION) + tl.load(packed_ptr + bc + cc)
+    e = tl.exp(c * h)
+    return h, c, e, b * e, wb, wc, w2
+
+
+@_device
+def stream_forward(inp, packed_ptr, base, n, KP: tl.constexpr, HCHUNK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """One stream on a block of rows: z = relu(inp g + gb) and v = z a2 + b2 + p w2, the
+    pre-activation of its LeakyReLU (padded columns of z stay exactly 0: relu(0 + 0))."""
+    g, gb, a2 = bottleneck_tiles(packed_ptr, base, n, KP)
+    b2_o = stream_offsets(base, n)[9]
+    z = tl.maximum(tl.dot(inp, g, input_precision=PRECISION) + gb, 0.0)
+    v = (tl.dot(z, a2, input_precision=PRECISION)
+         + tl.load(packed_ptr + b2_o + tl.arange(0, _OUT))[None, :])
+    # The 64 hidden units go HCHUNK at a time through a runtime loop: only one chunk's
+    # weights are live (an MMA's B operand is held whole by every warp), and the loop keeps
+    # the compiler from hoisting every weight out of the caller's loops into registers.
+    for c0 in range(0, _HID, HCHUNK):
+        _, _, _, p, _, _, w2 = hidden_chunk(inp, z, packed_ptr, base, n, c0, KP, HCHUNK,
+                                            PRECISION)
+        v = tl.dot(p, w2, v, input_precision=PRECISION)
+    return z, v
+
+
+@_device
+def wnn_normalise(w, col, valid):
+    """The "wnn" normalisation of a block of rows: (x, scale, shift) with x 0 past S."""
+    m0 = tl.sum(tl.where(col == 0, w, 0.0), axis=1)
+    xs = w - m0[:, None]
+    span = (tl.max(tl.where(valid, xs, -float("inf")), axis=1)
+            - tl.min(tl.where(valid, xs, float("inf")), axis=1))
+    scale = 2.0 * (span + _EPS)
+    return tl.where(valid, xs / scale[:, None], 0.0), scale, m0
+
+
+@_device
+def tanh_parts(y):
+    """tanh(y) = sign(y) (1 - t) / (1 + t) with t = exp(-2|y|): no overflow for any y, and
+    its absolute error (~1e-7) is what matters once x_last is added.  Returns (tanh(y), t)."""
+    t = tl.exp(-2.0 * tl.abs(y))
+    out = (1.0 - t) / (1.0 + t)
+    return tl.where(y < 0.0, -out, out), t
+
+
 def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
                     S: tl.constexpr, KP: tl.constexpr, WNN: tl.constexpr,
                     ALL_STEPS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -85,9 +185,6 @@ def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
     # shift[i, j] = 1 where i == j + 1, so (v @ shift)[:, j] = v[:, j + 1].
     shift = tl.where(tl.arange(0, KP)[:, None] == col + 1, 1.0, 0.0)
 
-    r = tl.arange(0, KP)[:, None]           # rows of the input-side weights
-    rb = tl.arange(0, _PAD)[:, None]        # rows of the bottleneck-side weights
-    cb = tl.arange(0, _PAD)[None, :]        # bottleneck columns, padded
     co = tl.arange(0, _OUT)[None, :]
     # Packed layout: stream x's block (n = S), stream d's (n = S - 1), wo (2 x 32), bo.
     SIZE_X: tl.constexpr = (S * _HID + _HID + S * _BOT + _BOT + 2 * (_BOT * _HID + _HID)
@@ -98,12 +195,7 @@ def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
     pred = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(steps):
         if WNN:
-            m0 = tl.sum(tl.where(col == 0, w, 0.0), axis=1)
-            xs = w - m0[:, None]
-            span = (tl.max(tl.where(valid, xs, -float("inf")), axis=1)
-                    - tl.min(tl.where(valid, xs, float("inf")), axis=1))
-            scale = 2.0 * (span + _EPS)
-            x = tl.where(valid, xs / scale[:, None], 0.0)
+            x, scale, m0 = wnn_normalise(w, col, valid)
         else:
             x = w
         d = tl.where(col < S - 1, tl.dot(x, shift, input_precision="ieee") - x, 0.0)
@@ -114,49 +206,11 @@ def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
                 inp = x
             else:
                 inp = d
-            n_in = S - si
-            base = si * SIZE_X
-            o_b1 = base + n_in * _HID
-            o_g = o_b1 + _HID
-            o_gb = o_g + n_in * _BOT
-            o_wb = o_gb + _BOT
-            o_bb = o_wb + _BOT * _HID
-            o_wc = o_bb + _HID
-            o_bc = o_wc + _BOT * _HID
-            o_w2 = o_bc + _HID
-            o_a2 = o_w2 + _HID * _OUT
-            o_b2 = o_a2 + _BOT * _OUT
-            o_wo = O_WO + si * _OUT
-            g = tl.load(packed_ptr + o_g + r * _BOT + cb, mask=(r < n_in) & (cb < _BOT), other=0.0)
-            gb = tl.load(packed_ptr + o_gb + cb, mask=cb < _BOT, other=0.0)
-            a2 = tl.load(packed_ptr + o_a2 + rb * _OUT + co, mask=rb < _BOT, other=0.0)
-            b2 = tl.load(packed_ptr + o_b2 + co)
-            # Padded bottleneck columns stay exactly 0: relu(0 @ ... + 0).
-            z = tl.maximum(tl.dot(inp, g, input_precision=PRECISION) + gb, 0.0)
-            v = tl.dot(z, a2, input_precision=PRECISION) + b2
-            # The 64 hidden units go HCHUNK at a time through a runtime loop: only one
-            # chunk's weights are live (an MMA's B operand is held whole by every warp),
-            # and the loop keeps the compiler from hoisting every weight out of the
-            # steps loop into registers.
-            for c0 in range(0, _HID, HCHUNK):
-                cc = c0 + tl.arange(0, HCHUNK)[None, :]
-                w1 = tl.load(packed_ptr + base + r * _HID + cc, mask=r < n_in, other=0.0)
-                wb = tl.load(packed_ptr + o_wb + rb * _HID + cc, mask=rb < _BOT, other=0.0)
-                wc = tl.load(packed_ptr + o_wc + rb * _HID + cc, mask=rb < _BOT, other=0.0)
-                w2 = tl.load(packed_ptr + o_w2 + (c0 + tl.arange(0, HCHUNK))[:, None] * _OUT + co)
-                h = tl.dot(inp, w1, input_precision=PRECISION) + tl.load(packed_ptr + o_b1 + cc)
-                b = tl.dot(z, wb, input_precision=PRECISION) + tl.load(packed_ptr + o_bb + cc)
-                c = tl.dot(z, wc, input_precision=PRECISION) + tl.load(packed_ptr + o_bc + cc)
-                v = tl.dot(b * tl.exp(c * h), w2, v, input_precision=PRECISION)
+            _, v = stream_forward(inp, packed_ptr, si * SIZE_X, S - si, KP, HCHUNK, PRECISION)
             u = tl.where(v >= 0.0, v, _SLOPE * v)
-            wo = tl.load(packed_ptr + o_wo + co)
-            acc += tl.sum(u * wo, axis=1)
+            acc += tl.sum(u * tl.load(packed_ptr + O_WO + si * _OUT + co), axis=1)
 
-        # tanh(y) = sign(y) (1 - t) / (1 + t), t = exp(-2|y|): no overflow for any y, and
-        # its absolute error (~1e-7) is what matters once x_last is added.
-        t = tl.exp(-2.0 * tl.abs(acc))
-        out = (1.0 - t) / (1.0 + t)
-        out = tl.where(acc < 0.0, -out, out)
+        out = tanh_parts(acc)[0]
         last = tl.sum(tl.where(col == S - 1, x, 0.0), axis=1)
         if WNN:
             pred = (last + out) * scale + m0
@@ -245,6 +299,15 @@ def _pad_dim(S: int) -> int:
     return max(MIN_DOT, 1 << (S - 1).bit_length())
 
 
+def check_rows(rows: torch.Tensor, S: int) -> None:
+    """rows a contiguous (N, S) tensor of a dtype the kernels read (l1_triton shares it)."""
+    if rows.dim() != 2 or rows.shape[1] != S or not rows.is_contiguous():
+        raise ValueError(f"rows must be a contiguous (N, {S}) tensor, got "
+                         f"{tuple(rows.shape)} (contiguous={rows.is_contiguous()})")
+    if rows.dtype not in DTYPES:
+        raise TypeError(f"rows dtype must be one of {DTYPES}, got {rows.dtype}")
+
+
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int] = None,
         input_precision: str = "ieee") -> None:
@@ -256,11 +319,7 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
         raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR})")
     if input_precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
-    if rows.dim() != 2 or rows.shape[1] != S or not rows.is_contiguous():
-        raise ValueError(f"rows must be a contiguous (N, {S}) tensor, got "
-                         f"{tuple(rows.shape)} (contiguous={rows.is_contiguous()})")
-    if rows.dtype not in DTYPES:
-        raise TypeError(f"rows dtype must be one of {DTYPES}, got {rows.dtype}")
+    check_rows(rows, S)
     if (packed.dtype != torch.float32 or packed.numel() != packed_size(S)
             or packed.device != rows.device):
         raise ValueError(f"packed must be the float32 packed head ({packed_size(S)} values) on "

@@ -1,0 +1,57 @@
+// Where each folded tensor of one KNOWN head lies in the packed float32 vector of
+// know_kernels/packing.py: one definition for every kernel and for the argument checks.
+//
+// Per-ISA sources include this header too.  Its functions have internal linkage (static),
+// so that no copy compiled with one instruction set's flags can stand in for another's at
+// link time (see cpu/simd.h).
+#pragma once
+
+#include <cstdint>
+
+namespace know {
+
+constexpr int kHidden = 64;
+constexpr int kBottleneck = 8;
+constexpr int kOutHidden = 32;
+
+// Offsets, in floats from the start of the packed vector, of one stream's tensors.
+struct PackedStream {
+  int n;  // the stream's input width: S for x, S - 1 for d
+  int64_t w1, b1, g, gb, wb, bb, wc, bc;
+  int64_t w2;  // a2 follows w2 directly: [w2; a2] is one 72 x 32 matrix
+  int64_t a2, b2;
+};
+
+struct PackedHead {
+  PackedStream stream[2];  // x, then d
+  int64_t wo, bo, size;    // wo: 2 x 32 (stream x's half first); bo ends the vector
+};
+
+static constexpr PackedHead packed_head(int S) {
+  PackedHead head{};
+  int64_t at = 0;
+  for (int s = 0; s < 2; ++s) {
+    PackedStream& p = head.stream[s];
+    p.n = S - s;
+    p.w1 = at;
+    p.b1 = p.w1 + p.n * kHidden;
+    p.g = p.b1 + kHidden;
+    p.gb = p.g + p.n * kBottleneck;
+    p.wb = p.gb + kBottleneck;
+    p.bb = p.wb + kBottleneck * kHidden;
+    p.wc = p.bb + kHidden;
+    p.bc = p.wc + kBottleneck * kHidden;
+    p.w2 = p.bc + kHidden;
+    p.a2 = p.w2 + kHidden * kOutHidden;
+    p.b2 = p.a2 + kBottleneck * kOutHidden;
+    at = p.b2 + kOutHidden;
+  }
+  head.wo = at;
+  head.bo = at + 2 * kOutHidden;
+  head.size = head.bo + 1;
+  return head;
+}
+
+static_assert(packed_head(5).size == 7833, "packing.packed_size(5)");
+
+}  // namespace know

@@ -1,0 +1,166 @@
+"""``l1_loss``: the meta-training objective (paper Eq. 6) with its gradient, fused.
+
+``l1_loss(rows, target, head)`` is the mean over rows of |e_i|, where e_i is the head's
+one-step prediction for row i minus ``target[i]`` (``loss_space="original"``), or that
+difference divided by the row's normalisation scale (``"normalised"``; the scale is 1 for
+``raw``).  ``.backward()`` fills the head's parameter gradients.
+
+One entry point, several backends, dispatched like ``nowcast``.  ``reference`` is plain
+torch autograd on ``reference.py``.  The fused backends (``cpu``, ``triton``, ``cuda``,
+``ops/l1_<name>.py``) run forward, loss and backward in one pass over the rows and return
+the gradient with respect to the packed head (``packing.pack``); ``pack`` is differentiable,
+so autograd carries it on to the head's own parameters.  They are wrapped in the custom op
+``know_kernels::l1_fused``, so optimisers, gradient clipping, DDP and torch.compile see an
+ordinary differentiable function.
+
+Backend contract (``ops/l1_<name>.py``):
+
+    available(device: torch.device) -> tuple[bool, str]   # usable here?, why not
+    run(rows, target, packed, *, S, norm, loss_space, grad) -> torch.Tensor
+
+``rows``: contiguous (N, S) float32, bfloat16 or float16, oldest value first; ``target``:
+contiguous (N,) float32; ``packed``: the float32 vector of ``packing.pack`` on the same
+device; ``grad``: float32, ``packing.packed_size(S)`` elements, which the kernel OVERWRITES
+with d(sum_i |e_i|)/d(packed).  ``run`` returns sum_i |e_i| (the sum, not the mean) as a
+0-d float32 tensor.  N = 0 gives 0 and a zero gradient.
+
+Sub-gradients are torch autograd's, so every backend agrees with ``reference``:
+d|e|/de = sign(e) with sign(0) = 0 (and sign(NaN) = 0, as torch's ``sgn``);
+relu'(z) = 0 for z <= 0; leaky_relu'(v) = 1 for v > 0, else the slope (0.3), so
+leaky_relu'(0) = 0.3.
+
+Zero rows: ``l1_loss`` of an empty batch is 0 with zero gradients (not NaN, torch's mean of
+nothing), so that a data-parallel rank with no rows can still take part in a step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .nowcast import KERNEL_DTYPES, _kernel_module, check_rows
+from .nowcast import backend_status as _backend_status
+from .nowcast import resolve_backend as _resolve_backend
+from .packing import pack, packed_size
+from .reference import check_norm, normalise, residual_ref
+
+LOSS_SPACES = ("original", "normalised")
+OP = "l1"
+
+
+def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` of ``l1_loss`` can run on ``device`` here, and if not, why."""
+    return _backend_status(name, device, op=OP)
+
+
+# Constant for torch.compile: the choice depends on its arguments and on what is installed,
+# and finding that out imports modules, which Dynamo cannot trace.
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``: cuda, then triton for CUDA tensors; cpu for CPU tensors; reference when
+    none is usable or for float64 rows (the fused kernels compute in float32)."""
+    return _resolve_backend(backend, device, dtype, op=OP)
+
+
+def check_loss_space(loss_space: str) -> str:
+    if loss_space not in LOSS_SPACES:
+        raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {loss_space!r}")
+    return loss_space
+
+
+def check_run_args(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor,
+                   grad: torch.Tensor, S: int) -> None:
+    """The dtypes and sizes of target, packed and grad the backend contract promises (for
+    the backends' ``run`` to check; devices and layout are theirs)."""
+    n = rows.shape[0]
+    if target.dtype != torch.float32 or tuple(target.shape) != (n,):
+        raise ValueError(f"target must be float32 of shape ({n},), got {target.dtype} "
+                         f"{tuple(target.shape)}")
+    size = packed_size(S)
+    for name, t in (("packed", packed), ("grad", grad)):
+        if t.dtype != torch.float32 or t.numel() != size:
+            raise ValueError(f"{name} must hold packing.packed_size({S}) = {size} float32 "
+                             f"values, got {t.numel()} {t.dtype}")
+
+
+def l1_reference(rows: torch.Tensor, target: torch.Tensor, head, *, norm: Optional[str] = None,
+                 loss_space: str = "original") -> torch.Tensor:
+    """The mean L1 by plain autograd on the reference model, in float64 for float64 rows and
+    float32 otherwise (whatever the head's dtype)."""
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    params = {k: v.to(device=rows.device, dtype=dtype) for k, v in head.params_dict().items()}
+    x, scale, shift = normalise(rows.to(dtype), check_norm(norm or head.norm))
+    pred = x[:, -1] + residual_ref(x, params)
+    target = target.to(dtype)
+    if check_loss_space(loss_space) == "normalised":
+        e = pred - (target - shift) / scale
+    else:
+        e = pred * scale + shift - target
+    return e.abs().sum() / max(rows.shape[0], 1)
+
+
+@torch.library.custom_op("know_kernels::l1_fused", mutates_args=())
+def _l1_fused(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, S: int, norm: str,
+              loss_space: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum |e|, d(sum |e|)/d(packed)) from backend ``backend``'s fused kernel."""
+    grad = torch.empty(packed_size(S), dtype=torch.float32, device=packed.device)
+    total = _kernel_module(backend, OP).run(rows, target, packed, S=S, norm=norm,
+                                            loss_space=loss_space, grad=grad)
+    return total, grad
+
+
+@_l1_fused.register_fake
+def _(rows, target, packed, S, norm, loss_space, backend):
+    return packed.new_empty(()), packed.new_empty(packed_size(S))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, d_total, _d_grad):
+    (grad,) = ctx.saved_tensors
+    return None, None, d_total * grad, None, None, None, None
+
+
+_l1_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(rows, target, head) -> None:
+    check_rows(rows, head)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target must be a ({rows.shape[0]},) tensor, got {type(target)}")
+    if tuple(target.shape) != (rows.shape[0],):
+        raise ValueError(f"target must be a ({rows.shape[0]},) tensor, one value per row, got "
+                         f"shape {tuple(target.shape)}")
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor, got {target.dtype}")
+    if target.device != rows.device:
+        raise ValueError(f"target is on {target.device} but rows are on {rows.device}")
+
+
+def l1_loss(rows: torch.Tensor, target: torch.Tensor, head, *, backend: str = "auto",
+            loss_space: str = "original", norm: Optional[str] = None) -> torch.Tensor:
+    """Mean |e| over the (N, S) ``rows`` (oldest value first) against the (N,) ``target``,
+    as a 0-d float32 tensor (float64 on the reference backend for float64 rows).
+
+    Differentiable with respect to the head's parameters; ``rows`` and ``target`` are data
+    (only ``backend="reference"`` differentiates with respect to them).  ``norm=None``
+    uses the head's own normalisation.  N = 0 gives 0.
+    """
+    _check_inputs(rows, target, head)
+    norm = check_norm(head.norm if norm is None else norm)
+    check_loss_space(loss_space)
+    name = resolve_backend(backend, rows.device, rows.dtype)
+    if name == "reference":
+        return l1_reference(rows, target, head, norm=norm, loss_space=loss_space)
+    if rows.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend {name!r} takes rows of {KERNEL_DTYPES}, got {rows.dtype}; "
+                        f"use backend='reference' for float64")
+    if rows.requires_grad or target.requires_grad:
+        raise ValueError(f"backend {name!r} differentiates with respect to the head only, but "
+                         f"rows or target require grad; use backend='reference'")
+    packed = pack(head.params_dict(), head.S).to(rows.device)
+    total, _ = _l1_fused(rows.contiguous(), target.to(torch.float32).contiguous(), packed,
+                         head.S, norm, loss_space, name)
+    return total / max(rows.shape[0], 1)

@@ -1,0 +1,301 @@
+"""The fused L1 training step of both GPU backends (triton, cuda) on CUDA tensors, against
+torch autograd on the float64 reference: odd sizes, every input dtype, both norms, both
+loss spaces, rows with exactly zero residual, the activations' kinks, gradients poisoned
+with NaN before each call, the caller's stream, and a million rows.  Skipped on machines
+without a CUDA device.
+
+The helpers at the top are shared with test_l1_triton.py (interpreter) and
+test_l1_cuda_build.py (CPU emulation of the CUDA kernel).  Every check compares the loss
+and, tensor by tensor, the gradient two ways:
+
+* per folded tensor of the packed vector, against autograd through a float64 forward of
+  the folded head (``packing.py``'s algebra) on the kernel's own float32 weights;
+* per parameter of the head, against autograd through ``reference.step_ref`` in float64,
+  the kernel's packed gradient being carried back through ``packing.pack`` by autograd.
+
+A gradient's relative error is taken against the larger of the reference gradient and the
+gradient of the plain sum of residuals (same rows, every sign(e) replaced by +1).  An L1
+gradient sums terms whose signs come from the residuals, and where those cancel no float32
+sum can be more accurate than the terms' own size allows: in the kink test bo's gradient is
+1e-3, from 40 terms of size about 1, and float32 summation leaves 1e-5 of it.  A wrong sign
+anywhere still shows at full size against either measure.
+"""
+import importlib
+
+import pytest
+import torch
+
+from know_kernels import KNOWNHead
+from know_kernels.packing import folded_shapes, pack, packed_offsets, packed_size
+from know_kernels.reference import LEAKY_SLOPE, normalise, step_ref
+from test_nowcast_gpu import weight_like_rows
+
+TOL = 1e-5
+BACKENDS = ("triton", "cuda")
+
+
+# --- shared helpers -------------------------------------------------------------------
+
+def make_head(S, norm, seed, *, biases=True):
+    """A head with the authors' init and, unless biases=False, random biases (a fresh head
+    has zero biases, which would leave their gradients' paths half tested)."""
+    head = KNOWNHead(S, norm, seed=seed)
+    if biases:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in head.params_dict().items():
+                if name.split(".")[-1].startswith("b"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return head
+
+
+def packed_of(head, device="cpu"):
+    return pack({k: v.detach() for k, v in head.params_dict().items()}, head.S).to(device)
+
+
+def rows_and_target(n, dtype, seed, *, S=5, device="cpu"):
+    """Weight-like windows of S snapshots and, as target, the true next snapshot."""
+    full = weight_like_rows(n, torch.float32, seed, S=S + 1, device=device)
+    return full[:, :S].to(dtype).contiguous(), full[:, S].contiguous()
+
+
+def _l1(pred, target, scale, loss_space, keep):
+    """The L1 loss and the plain sum of the residuals it takes the absolute values of."""
+    e = pred - target
+    if loss_space == "normalised":
+        e = e / scale
+    if keep is not None:
+        e = e * keep
+    return e.abs().sum(), e.sum()
+
+
+def folded_reference(rows, target, packed, S, norm, loss_space, keep=None):
+    """float64 loss, d loss / d packed and d(sum of residuals) / d packed, through the
+    folded head's forward."""
+    p = packed.detach().to(torch.float64).requires_grad_(True)
+    offsets = packed_offsets(S)
+    t = {name: p[offsets[name]:offsets[name] + torch.Size(shape).numel()].view(shape)
+         for name, shape in folded_shapes(S).items()}
+    x, scale, shift = normalise(rows.double(), norm)
+    y = t["bo"][0]
+    for i, (prefix, inp) in enumerate((("x", x), ("d", x[:, 1:] - x[:, :-1]))):
+        f = {role: t[f"{prefix}.{role}"] for role in ("w1", "b1", "g", "gb", "wb", "bb", "wc",
+                                                      "bc", "w2", "a2", "b2")}
+        h = inp @ f["w1"] + f["b1"]
+        z = torch.relu(inp @ f["g"] + f["gb"])
+        b = z @ f["wb"] + f["bb"]
+        c = z @ f["wc"] + f["bc"]
+        v = (b * torch.exp(c * h)) @ f["w2"] + z @ f["a2"] + f["b2"]
+        y = y + torch.nn.functional.leaky_relu(v, LEAKY_SLOPE) @ t["wo"][32 * i:32 * (i + 1)]
+    pred = (x[:, -1] + torch.tanh(y)) * scale + shift
+    loss, plain = _l1(pred, target.double(), scale, loss_space, keep)
+    (grad,) = torch.autograd.grad(loss, p, retain_graph=True)
+    (unsigned,) = torch.autograd.grad(plain, p)
+    return loss.detach(), grad, unsigned
+
+
+def _params64(head, device):
+    return {k: v.detach().to(device, torch.float64).requires_grad_(True)
+            for k, v in head.params_dict().items()}
+
+
+def head_reference(rows, target, head, loss_space, keep=None):
+    """float64 loss, and its gradient and that of the sum of residuals for every head
+    parameter, through step_ref."""
+    params = _params64(head, rows.device)
+    w = rows.double()
+    _, scale, _ = normalise(w, head.norm)
+    loss, plain = _l1(step_ref(w, params, head.norm), target.double(), scale, loss_space, keep)
+    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
+    unsigned = torch.autograd.grad(plain, list(params.values()))
+    return loss.detach(), dict(zip(params, zip(grads, unsigned)))
+
+
+def _rel(got, ref, unsigned=None):
+    got, ref = got.double(), ref.double()
+    size = ref.norm() if unsigned is None else torch.maximum(ref.norm(), unsigned.norm())
+    return ((got - ref).norm() / size).item()
+
+
+def errors(loss, grad, rows, target, head, loss_space, keep=None):
+    """Relative error of the loss and of every gradient tensor (folded and head)."""
+    S, norm = head.S, head.norm
+    packed = packed_of(head, rows.device)
+    ref_loss, ref_grad, unsigned = folded_reference(rows, target, packed, S, norm, loss_space,
+                                                    keep)
+    out = {"loss": abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))}
+    offsets = packed_offsets(S)
+    for name, shape in folded_shapes(S).items():
+        at = slice(offsets[name], offsets[name] + torch.Size(shape).numel())
+        out[f"packed {name}"] = _rel(grad[at], ref_grad[at], unsigned[at])
+    # The kernel's packed gradient, carried back to the head's parameters.
+    params = _params64(head, rows.device)
+    carried = torch.autograd.grad(pack(params, S), list(params.values()), grad_outputs=grad)
+    head_loss, head_grads = head_reference(rows, target, head, loss_space, keep)
+    out["loss vs step_ref"] = abs(float(loss) - float(head_loss)) / abs(float(head_loss))
+    for (name, (ref, ref_unsigned)), got in zip(head_grads.items(), carried):
+        out[f"head {name}"] = _rel(got, ref, ref_unsigned)
+    return out
+
+
+def assert_close(errs, tol=TOL):
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= tol, f"{worst}: relative error {errs[worst]:.3g} > {tol}"
+
+
+def call(run, rows, target, head, loss_space, **kw):
+    """One kernel call with the gradient poisoned first; returns (loss, grad)."""
+    grad = torch.full((packed_size(head.S),), float("nan"), device=rows.device)
+    loss = run(rows, target, packed_of(head, rows.device), S=head.S, norm=head.norm,
+               loss_space=loss_space, grad=grad, **kw)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert not grad.isnan().any(), "some gradient entries were not written"
+    return loss, grad
+
+
+ZERO_EVERY = 64  # a multiple of every block size the kernels use
+
+
+def zero_residual_case(run, n, norm, loss_space, *, device="cpu", seed=0):
+    """Rows 0, 64, 128, ... get as target the kernel's own float32 prediction, so their
+    residual is exactly 0 and (sign(0) = 0) they must add nothing to the gradient; the
+    others are ordinary rows.  The reference masks the same rows out.  A kernel that took
+    sign(0) as +1 or -1 would be off by those rows' whole share of the gradient (returned
+    as the second value, so the test can check that it is far above the tolerance).
+
+    The prediction is read off the kernel itself: for one row alone with target 0 in
+    original units, the loss is |pred| exactly (one subtraction of 0, one abs, a sum of one
+    term), and the sign comes from the float64 reference, which is far from 0 on these
+    rows.  A row's float32 prediction may depend on where it sits in a block (the
+    interpreter's numpy matmul gives some rows of a tile a different instruction sequence:
+    1-ulp differences were seen), so the zero rows sit where the one-row call puts its row,
+    first in a block, for any block size dividing 64."""
+    head = make_head(5, norm, seed)
+    rows, target = rows_and_target(n, torch.float32, seed + 7, device=device)
+    zero = torch.arange(n, device=device) % ZERO_EVERY == 0
+    packed = packed_of(head, device)
+    pred64 = step_ref(rows.double(), _params64(head, device), norm).detach()
+    grad = torch.empty(packed_size(5), device=device)
+    for i in zero.nonzero()[:, 0].tolist():
+        magnitude = run(rows[i:i + 1], torch.zeros(1, device=device), packed, S=5, norm=norm,
+                        loss_space="original", grad=grad)
+        target[i] = torch.copysign(magnitude, pred64[i].float())
+    loss, grad = call(run, rows, target, head, loss_space)
+    keep = (~zero).double()
+    errs = errors(loss, grad, rows, target, head, loss_space, keep)
+    # The same rows counted with sign +1 would differ from the reference by this much.
+    counted = folded_reference(rows, target, packed, 5, norm, loss_space)[1]
+    masked = folded_reference(rows, target, packed, 5, norm, loss_space, keep)[1]
+    return errs, _rel(counted, masked)
+
+
+def kink_case(run, *, device="cpu"):
+    """Constant rows (every snapshot equal) on a head with zero biases: x = d = 0, so the
+    bottleneck's pre-activation is exactly 0 (relu'(0) = 0) and so is v (leaky_relu'(0) =
+    slope), in float32 and in float64 alike.  Mixed with ordinary rows.  The loss is in
+    normalised units: a constant row's scale is 2e-5, which in original units would shrink
+    its share of the gradient below the tolerance."""
+    head = make_head(5, "wnn", 3, biases=False)
+    rows, target = rows_and_target(40, torch.float32, 11, device=device)
+    rows[::2] = rows[::2, :1].expand(-1, 5).clone()
+    loss, grad = call(run, rows, target, head, "normalised")
+    return errors(loss, grad, rows, target, head, "normalised")
+
+
+# --- the GPU tests ----------------------------------------------------------------------
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device (these tests need a GPU)")
+
+
+def _module(name):
+    return importlib.import_module(f"know_kernels.ops.l1_{name}")
+
+
+@pytest.fixture(params=BACKENDS)
+def run(request, monkeypatch):
+    module = _module(request.param)
+    ok, why = module.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"backend {request.param} not usable here: {why}")
+    if request.param == "triton":
+        # One configuration: autotuning would compile four per variant (see test_autotuned).
+        monkeypatch.setattr(module, "FIXED_CONFIG", module.AUTOTUNE_CONFIGS[2])
+    return module.run
+
+
+def _check(run, n, *, dtype=torch.float32, norm="wnn", loss_space="original", S=5, seed=0,
+           tol=TOL, **kw):
+    head = make_head(S, norm, seed)
+    rows, target = rows_and_target(n, dtype, seed + 100, S=S, device="cuda")
+    loss, grad = call(run, rows, target, head, loss_space, **kw)
+    torch.cuda.synchronize()
+    if n == 0:
+        assert float(loss) == 0.0 and not grad.any()
+        return
+    assert_close(errors(loss, grad, rows, target, head, loss_space), tol)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 33, 257, 10007])
+def test_sizes(run, n):
+    _check(run, n)
+
+
+@pytest.mark.parametrize("dtype,norm,loss_space", [
+    (torch.float32, "wnn", "normalised"), (torch.bfloat16, "wnn", "original"),
+    (torch.float16, "raw", "normalised"), (torch.float32, "raw", "original"),
+])
+def test_dtypes_norms_spaces(run, dtype, norm, loss_space):
+    _check(run, 4099, dtype=dtype, norm=norm, loss_space=loss_space, seed=1)
+
+
+@pytest.mark.parametrize("norm,loss_space", [("wnn", "normalised"), ("raw", "original")])
+def test_zero_residual(run, norm, loss_space):
+    errs, share = zero_residual_case(run, 20 * 64 + 1, norm, loss_space, device="cuda")
+    assert_close(errs)
+    assert share > 100 * TOL
+
+
+def test_kinks(run):
+    assert_close(kink_case(run, device="cuda"))
+
+
+def test_million_rows(run):
+    _check(run, (1 << 20) + 3, dtype=torch.bfloat16, seed=6)
+
+
+def test_callers_stream(run):
+    head = make_head(5, "wnn", 3)
+    rows, target = rows_and_target(50001, torch.float32, 8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loss, grad = call(run, rows, target, head, "original")
+    stream.synchronize()
+    assert_close(errors(loss, grad, rows, target, head, "original"))
+
+
+@pytest.mark.parametrize("S", [2, 8])
+def test_window_sizes(run, S):
+    _check(run, 777, S=S, seed=S)
+
+
+@pytest.mark.parametrize("precision,tol", [("tf32x3", TOL), ("tf32", 1e-2)])
+def test_triton_input_precision(monkeypatch, precision, tol):
+    # tf32 keeps 10 mantissa bits per operand; 1e-2 is a loose sanity bound, not a measured
+    # accuracy (the first GPU run will tell).
+    module = _module("triton")
+    ok, why = module.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setattr(module, "FIXED_CONFIG", module.AUTOTUNE_CONFIGS[2])
+    _check(module.run, 20011, seed=11, tol=tol, input_precision=precision)
+
+
+def test_triton_autotuned():
+    # The benchmark's variant (bench/bench_l1_gpu.py), whose compiled kernels it then reuses.
+    module = _module("triton")
+    ok, why = module.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    _check(module.run, 1 << 16, loss_space="normalised", seed=12)
