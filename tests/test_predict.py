@@ -134,3 +134,8 @@ def test_inputs_are_not_modified():
         assert all(torch.equal(ck[k], cp[k]) for k in ck)
     out[0]["1.weight"].add_(1)
     assert torch.equal(cks[0]["1.weight"], copies[0]["1.weight"])
+
+
+def test_predict_is_public_at_the_package_top():
+    import know_kernels
+    assert know_kernels.predict is predict
