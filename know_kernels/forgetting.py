@@ -76,13 +76,18 @@ def derive_seed(seed: int, *path: int) -> int:
                >> np.uint64(1))
 
 
-def _state_of(model_or_state) -> dict[str, torch.Tensor]:
+def state_refs(model_or_state) -> Mapping[str, torch.Tensor]:
+    """The module's state dict (its own tensors, not copies) or the given mapping."""
     state = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
              else model_or_state)
     if not isinstance(state, Mapping):
         raise TypeError(f"record() takes an nn.Module or a state dict, got "
                         f"{type(model_or_state).__name__}")
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return state
+
+
+def _state_of(model_or_state) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_refs(model_or_state).items()}
 
 
 class ForgettingSchedule:

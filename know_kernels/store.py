@@ -284,15 +284,25 @@ class MetaDataset:
         """Store one trajectory (file, then metadata copy, then index: a crash in between
         leaves the index without the run, and the next ``add`` replaces its files)."""
         self._claim(run_id, overwrite)
-        file = f"{run_id}.safetensors"
-        save_trajectory(traj, self.root / file, dtype)
-        reader = TrajectoryFile(self.root / file)
+        save_trajectory(traj, self.run_path(run_id), dtype)
+        return self.register(run_id)
+
+    def run_path(self, run_id: str) -> Path:
+        """Where run ``run_id``'s trajectory file lives."""
+        self._check_id(run_id)
+        return self.root / f"{run_id}.safetensors"
+
+    def register(self, run_id: str) -> dict:
+        """Index the trajectory file already written at ``run_path(run_id)`` (by ``add`` or
+        by a :class:`~know_kernels.recorder.StageRecorder`)."""
+        reader = TrajectoryFile(self.run_path(run_id))
         _write_json(reader.meta, self.root / f"{run_id}.json")
+        dtype_name = _dtype_name(reader.read(next(iter(reader.heads)), 0, 1).dtype)
+        meta = {k: v for k, v in reader.meta.items()
+                if k not in ("format", "params", "stages", "column_order")}
         self._index["runs"][run_id] = {
-            "status": "ok", "file": file, "rows": reader.heads, "stages": reader.stages,
-            "dtype": _dtype_name(next(iter(traj.heads.values())).dtype if dtype is None
-                                 else store_dtype(dtype)),
-            "meta": traj.meta}
+            "status": "ok", "file": reader.path.name, "rows": reader.heads,
+            "stages": reader.stages, "dtype": dtype_name, "meta": meta}
         self._save_index()
         return self._index["runs"][run_id]
 
