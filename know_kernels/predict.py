@@ -17,7 +17,7 @@ import torch
 
 from .baselines import DEFAULT_LAMBDA, METHODS as BASELINES, extrapolate
 from .fileio import load_state_dict
-from .heads import KNOWN
+from .heads import KNOWN, PRETRAINED
 from .nowcast import nowcast
 from .routing import Route, route_state
 
@@ -88,7 +88,6 @@ def resolve_known(method: str, known) -> tuple[Optional[KNOWN], Optional[Path]]:
     if method != "known":
         return None, None
     if known is None:
-        from .heads import PRETRAINED
         return KNOWN.pretrained(), PRETRAINED
     if isinstance(known, KNOWN):
         return known, None
