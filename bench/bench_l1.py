@@ -23,12 +23,13 @@ import torch
 
 from bench_nowcast_cpu import best_time, machine, matmul_ceiling, trajectories
 from know_kernels import KNOWNHead, l1_loss
+from know_kernels.metatrain import MetaTrainConfig
 from know_kernels.ops import l1_cpu, nowcast_cpu
 from provenance import commit
 
 NOMINAL_FLOP = 3 * 2 * 8832              # forward + backward ~ 3 forwards, spec section 7
 FUSED_FLOP = 2 * (7368 + 7016 + 6944)    # what the fused kernel executes (S = 5)
-LOSS_SPACE = "normalised"                # meta-training's default
+LOSS_SPACE = MetaTrainConfig.loss_space  # meta-training's default
 
 
 def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,10 +8,11 @@ One optimizer step, as meta-training takes it, on a batch of N windows:
 * fused: pack the head (``packing.pack``, differentiable), the backend's fused forward,
   L1 and backward kernel on the packed head, the packed gradient carried back to the
   head's parameters through ``pack`` by autograd, then Adam;
-* eager: the mean L1 through ``reference.step_ref`` in float32, ``backward()``, Adam.
+* eager: the mean L1 by ``l1.l1_reference`` (autograd on the reference) in float32,
+  ``backward()``, Adam.
 
 Rows are float32 windows of S = 5 weight-like snapshots with the next snapshot as target,
-norm "wnn", loss in normalised units (the meta-training default), Adam with lr 1e-3.  Times
+norm "wnn", loss in the meta-training default's space, Adam with lr 1e-3.  Times
 are CUDA events around whole steps, best of a few after warm-up steps (which also autotune
 the Triton kernel).  ``kernel ms`` is the backend's ``run`` alone.  Target: at least 20x the
 eager step's samples/s.
@@ -29,12 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench_nowcast_gpu import cuda_ms, print_provenance  # noqa: E402
 from know_kernels import KNOWNHead  # noqa: E402
+from know_kernels.metatrain import MetaTrainConfig  # noqa: E402
 from know_kernels.packing import pack, packed_size  # noqa: E402
-from know_kernels.reference import normalise, step_ref  # noqa: E402
+from know_kernels.l1 import l1_reference  # noqa: E402
 
 S = 5
 NORM = "wnn"
-LOSS_SPACE = "normalised"
+LOSS_SPACE = MetaTrainConfig.loss_space  # meta-training's default
 SIZES = (1 << 16, 1 << 20)
 BACKENDS = ("triton", "cuda")
 TARGET_SPEEDUP = 20.0
@@ -53,10 +55,7 @@ def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def eager_step(head, opt, rows, target):
     def step():
         opt.zero_grad(set_to_none=False)
-        params = head.params_dict()
-        _, scale, _ = normalise(rows, NORM)
-        loss = ((step_ref(rows, params, NORM) - target) / scale).abs().mean()
-        loss.backward()
+        l1_reference(rows, target, head, norm=NORM, loss_space=LOSS_SPACE).backward()
         opt.step()
     return step
 

@@ -3,7 +3,7 @@
     python bench/bench_nowcast_gpu.py                  # N = 11.2M, 100M, 1B (a few minutes)
     python bench/bench_nowcast_gpu.py --quick          # N = 11.2M only
     python bench/bench_nowcast_gpu.py --exp            # exp cost: SFU vs polynomial vs mixed
-    python bench/bench_nowcast_gpu.py --tf32-estimate  # CPU only: TF32 accuracy, emulated
+    python bench/bench_nowcast_gpu.py --tf32-estimate  # CPU only: TF32/bf16 accuracy, emulated
 
 Rows are bfloat16 snapshots (5 per row, weight-like trajectories), predictions float32,
 one step, "wnn" norm.  Times are the kernel alone (the backend's ``run`` on a packed head,
@@ -14,8 +14,8 @@ chunk is run ceil(N / chunk) times and the times are added.
 Reported per path: ms, rows/s, TFLOP/s counted two ways (the spec's nominal 17,664 FLOP per
 row and step, and the 14,736 FLOP of the folded form the kernels execute), and the
 executed rate as a fraction of a dense-matmul ceiling measured in the same run on the same
-card (torch.mm 8192^2: float32 without TF32 for the "ieee" path, TF32 for the others; the
-3xTF32 paths issue three tensor-core products per useful one, so they top out near 1/3).
+card (torch.mm 8192^2: float32 without TF32 for the "ieee" path, bf16 for the bf16 path,
+TF32 for the others; the 3xTF32 paths issue three tensor-core products per useful one, so they top out near 1/3).
 Eager PyTorch is ``nowcast_ref`` in float32 on fewer rows, scaled per row.  Targets (H100):
 ResNet18-size step (11.2M rows) <= 2 ms, 1B rows <= 200 ms, >= 100x eager PyTorch.
 """
@@ -49,6 +49,7 @@ PATHS = (
     ("triton ieee", "triton", {"input_precision": "ieee"}, "fp32"),
     ("triton tf32x3", "triton", {"input_precision": "tf32x3"}, "tf32"),
     ("triton tf32", "triton", {"input_precision": "tf32"}, "tf32"),
+    ("triton bf16", "triton", {"input_precision": "bf16"}, "bf16"),
     ("cuda precise", "cuda", {"mode": "precise"}, "tf32"),
     ("cuda fast", "cuda", {"mode": "fast"}, "tf32"),
 )
@@ -84,10 +85,12 @@ def cuda_ms(fn, repeats: int) -> float:
 
 
 def matmul_ceilings() -> dict:
-    """Dense torch.mm rates on this card, TFLOP/s: float32 on the FMA pipes and TF32."""
+    """Dense torch.mm rates on this card, TFLOP/s: float32 on the FMA pipes, TF32, bf16."""
     a = torch.randn(8192, 8192, device="cuda")
     b = torch.randn(8192, 8192, device="cuda")
-    out = {}
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    torch.mm(a16, b16)
+    out = {"bf16": 2 * 8192 ** 3 / cuda_ms(lambda: torch.mm(a16, b16), 5) / 1e9}
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         for name, tf32 in (("fp32", False), ("tf32", True)):
@@ -149,7 +152,7 @@ def table(sizes) -> None:
         print(f"backend {backend}: {backend_status(backend, 'cuda')[1]}")
     ceilings = matmul_ceilings()
     print(f"matmul ceilings (torch.mm 8192^2): fp32 {ceilings['fp32']:.1f} TFLOP/s, "
-          f"tf32 {ceilings['tf32']:.1f} TFLOP/s")
+          f"tf32 {ceilings['tf32']:.1f} TFLOP/s, bf16 {ceilings['bf16']:.1f} TFLOP/s")
 
     head = KNOWNHead(S=S, norm="wnn", seed=0)
     packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S).cuda()
@@ -244,6 +247,8 @@ def tf32_estimate() -> None:
     def product(a, b, mode):
         if mode == "float32":
             return a @ b
+        if mode == "bf16":  # round to nearest even, exact products, float32 sums
+            return (a.bfloat16().double() @ b.bfloat16().double()).float()
         if mode in ("tf32 (truncated)", "tf32 (nearest)"):
             r = truncate if mode == "tf32 (truncated)" else nearest
             return (r(a).double() @ r(b).double()).float()
@@ -274,7 +279,8 @@ def tf32_estimate() -> None:
         return pred
 
     modes = {"float32": "triton ieee", "3xtf32": "triton tf32x3 / cuda precise",
-             "tf32 (truncated)": "triton tf32", "tf32 (nearest)": "cuda fast"}
+             "tf32 (truncated)": "triton tf32", "tf32 (nearest)": "cuda fast",
+             "bf16": "triton bf16"}
     gen = torch.Generator().manual_seed(0)
     n = 20000
     inputs = {

@@ -2,7 +2,7 @@
 # One pass on a CUDA machine: build both extensions, run the GPU tests, then the GPU
 # benchmarks.  Logs go to $OUT (or ./out) so that they survive a time-out; each step has
 # its own limit so that one slow step cannot take the rest with it.
-#   bash bench/gpu_check.sh            # everything (about 6 minutes on an H100/H200)
+#   bash bench/gpu_check.sh            # everything (about 9 minutes on an H100/H200)
 #   STEPS="build tests" bash bench/gpu_check.sh
 set -u
 OUT=${OUT:-out}
@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PATH="$PATH:/usr/local/cuda/bin"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build tests selftest full exp"}
+STEPS=${STEPS:-"build tests selftest l1tests full l1bench exp"}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -30,5 +30,7 @@ TAIL=5 step build 240 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" $PY setup.py -q 
 $PY -m know_kernels info | tail -8
 step selftest 60 $PY -m know_kernels selftest
 step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_nowcast_gpu.py tests/test_nowcast_api.py
+step l1tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_l1_gpu.py tests/test_streaming.py
 TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
+TAIL=30 step l1bench 120 $PY bench/bench_l1_gpu.py
 step exp 80 $PY bench/bench_nowcast_gpu.py --exp

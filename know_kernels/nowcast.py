@@ -7,11 +7,19 @@ one file each, and all read the head in the packed form of ``packing.py``.
 Backend contract (``ops/nowcast_<name>.py``):
 
     available(device: torch.device) -> tuple[bool, str]   # usable here?, why not
-    run(rows, packed, *, S, norm, steps, out, threads) -> None
+    run(rows, packed, *, S, norm, steps, out, threads, **precision_args) -> None
 
 ``rows`` is a contiguous (N, S) tensor of a supported dtype, ``packed`` the float32 packed
 head on the same device, ``out`` a contiguous tensor on the same device, (N, steps) when
 every step is wanted or (N,) for the last step only; the kernel writes every element.
+
+``precision`` is the lowest precision the matrix products may use, as torch's
+``allow_tf32`` is a permission rather than an order: "float32" (default) keeps every
+backend within the 1e-5 bound of the tests; "tf32" and "bf16" let the GPU backends round
+the products' operands for tensor-core speed (their errors: ``PRECISION_ARGS`` below and
+bench/RESULTS.md).  A backend without the mode asked for uses its next more precise one:
+the CPU and reference backends always compute in float32 (float64 for float64 rows), and
+the CUDA backend's products go no lower than TF32.
 """
 from __future__ import annotations
 
@@ -24,6 +32,17 @@ from .packing import pack
 from .reference import check_norm, nowcast_ref
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+PRECISIONS = ("float32", "tf32", "bf16")
+# What each fused backend's ``run`` is passed for each precision.  Relative errors against
+# float64 over 3 steps, emulated on the CPU (bench/bench_nowcast_gpu.py --tf32-estimate):
+# triton tf32 up to 6e-4, cuda fast up to 6e-5, triton bf16 up to 1.1e-3 (2.6e-5 on
+# weight-like rows with "wnn"); "float32" ≤ 1.4e-7.
+PRECISION_ARGS = {
+    "cpu": {"float32": {}, "tf32": {}, "bf16": {}},
+    "triton": {"float32": {"input_precision": "ieee"}, "tf32": {"input_precision": "tf32"},
+               "bf16": {"input_precision": "bf16"}},
+    "cuda": {"float32": {"mode": "precise"}, "tf32": {"mode": "fast"}, "bf16": {"mode": "fast"}},
+}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -65,6 +84,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *,
     return "reference"
 
 
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def check_rows(rows, head) -> None:
     """rows: a 2-D (N, head.S) tensor of a dtype some backend takes."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
@@ -81,14 +106,16 @@ def check_rows(rows, head) -> None:
 def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = None,
             backend: str = "auto", all_steps: bool = False,
             out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
-            threads: Optional[int] = None) -> torch.Tensor:
+            threads: Optional[int] = None, precision: str = "float32") -> torch.Tensor:
     """Predict ``steps`` values ahead for each row of ``rows`` (N, S), oldest value first.
 
     Returns (N,) — the ``steps``-th prediction — or (N, steps) with ``all_steps=True``, in
     ``out_dtype`` (default: the rows' dtype), or writes into ``out`` when given.
-    ``norm=None`` uses the head's own normalisation.
+    ``norm=None`` uses the head's own normalisation; ``precision`` is described in the
+    module docstring.
     """
     check_rows(rows, head)
+    check_precision(precision)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     norm = check_norm(head.norm if norm is None else norm)
@@ -119,7 +146,8 @@ def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = N
         shape, dtype=out_dtype, device=rows.device)
     if rows.shape[0]:
         _kernel_module(name).run(rows.contiguous(), packed, S=head.S, norm=norm, steps=steps,
-                                 out=target, threads=threads)
+                                 out=target, threads=threads,
+                                 **PRECISION_ARGS[name][precision])
     if out is not None and target is not out:
         out.copy_(target)
         return out

@@ -18,7 +18,7 @@ import torch
 from .baselines import DEFAULT_LAMBDA, METHODS as BASELINES, extrapolate
 from .fileio import load_state_dict
 from .heads import KNOWN, PRETRAINED
-from .nowcast import nowcast
+from .nowcast import check_precision, nowcast
 from .routing import Route, route_state
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
@@ -95,8 +95,9 @@ def resolve_known(method: str, known) -> tuple[Optional[KNOWN], Optional[Path]]:
 
 
 def check_arguments(*, method: str, nonfinite: str, steps: int,
-                    chunk_rows: int, count: int) -> None:
+                    chunk_rows: int, count: int, precision: str) -> None:
     """The checks every predict entry point makes before reading any weights."""
+    check_precision(precision)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if nonfinite not in NONFINITE:
@@ -141,12 +142,13 @@ def nonfinite_error(name: str, label: str) -> ValueError:
 
 def predict_rows(rows: torch.Tensor, head: str, *, method: str, known, steps: int, lam: float,
                  backend: str, threads: Optional[int], nonfinite: str,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype] = None,
+                 precision: str = "float32") -> torch.Tensor:
     """(N, steps) predictions for time-ordered rows (N, S) of parameters routed to ``head``;
     ``known`` maps head names to KNOWN heads (the baselines ignore it)."""
     if method == "known":
         pred = nowcast(rows, known[head], steps=steps, backend=backend, all_steps=True,
-                       threads=threads, out_dtype=out_dtype)
+                       threads=threads, out_dtype=out_dtype, precision=precision)
     else:
         pred = extrapolate(rows, method, steps=steps, all_steps=True, lam=lam, out_dtype=out_dtype)
     if nonfinite == "passthrough":
@@ -159,19 +161,21 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
             steps: int = 1, method: str = "known", lam: float = DEFAULT_LAMBDA,
             backend: str = "auto", route: Route = None, nonfinite: str = "error",
             chunk_rows: int = DEFAULT_CHUNK_ROWS, threads: Optional[int] = None,
+            precision: str = "float32",
             progress: Optional[Callable[[int], None]] = None) -> list[dict[str, torch.Tensor]]:
     """Predict [Θ̂^{-1}, …, Θ̂^{-steps}] from checkpoints [Θ^0, Θ^1, …] (paper order).
 
     ``checkpoints`` are state dicts or paths (``.pt``/``.pth`` loaded weights-only, or
     ``.safetensors``).  ``method`` is ``"known"`` (needs ``known``) or one of the baselines
     ``linear``, ``log``, ``exp``, ``taskvector`` (``lam`` is TaskVector's λ), which use the
-    same routing.  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
+    same routing.  ``precision`` is ``nowcast``'s (the GPU tensor-core modes "tf32" and
+    "bf16" trade accuracy for speed).  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
     value instead of refusing them.  ``progress`` is called with the number of rows done.
     Everything is held in memory; ``know_kernels.streaming.predict_files`` streams files.
     """
     known = resolve_known(method, known)[0]
     check_arguments(method=method, nonfinite=nonfinite, steps=steps,
-                    chunk_rows=chunk_rows, count=len(checkpoints))
+                    chunk_rows=chunk_rows, count=len(checkpoints), precision=precision)
     states, labels = load_checkpoints(checkpoints)
     check_consistent(states, labels)
     routes = route_state(states[0], route)
@@ -201,7 +205,8 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
                     torch.stack([s[seg.name].reshape(-1)[seg.start:seg.stop] for s in timeline], dim=1)
                     for seg in batch])
                 pred = predict_rows(rows, head_name, method=method, known=known, steps=steps,
-                                    lam=lam, backend=backend, threads=threads, nonfinite=nonfinite)
+                                    lam=lam, backend=backend, threads=threads, nonfinite=nonfinite,
+                                    precision=precision)
                 at = 0
                 for seg in batch:
                     n = seg.stop - seg.start

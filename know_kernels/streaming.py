@@ -579,8 +579,8 @@ def _require_finite(stage: torch.Tensor, pieces) -> None:
 
 
 def _run(job: _Job, *, known, method: str, steps: int, lam: float, backend: str,
-         threads: Optional[int], nonfinite: str, chunk_rows: int, device: torch.device,
-         progress: Optional[Callable[[int, int], None]]) -> None:
+         threads: Optional[int], precision: str, nonfinite: str, chunk_rows: int,
+         device: torch.device, progress: Optional[Callable[[int, int], None]]) -> None:
     """Predict this rank's share: reader thread -> compute (this thread) -> writer thread.
 
     Buffers come from fixed pools, so memory stays at a few chunks whatever the model
@@ -700,7 +700,8 @@ def _run(job: _Job, *, known, method: str, steps: int, lam: float, backend: str,
                             else torch.float32)
             pred = predict_rows(rows, item.head, method=method, known=known, steps=steps, lam=lam,
                                 backend=backend, threads=threads, nonfinite=nonfinite,
-                                out_dtype=None if kernel_dtype == dtype else kernel_dtype)
+                                out_dtype=None if kernel_dtype == dtype else kernel_dtype,
+                                precision=precision)
             if gpu:
                 dev_free[turn] = _fence(device)
                 turn ^= 1
@@ -823,7 +824,7 @@ def predict_files(checkpoints: Sequence[PathLike], out_dir: PathLike,
                   method: str = "known", lam: float = DEFAULT_LAMBDA, backend: str = "auto",
                   route: Route = None, nonfinite: str = "error",
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, threads: Optional[int] = None,
-                  out_dtype: Union[torch.dtype, str, None] = None,
+                  precision: str = "float32", out_dtype: Union[torch.dtype, str, None] = None,
                   device: Union[torch.device, str] = "cpu", force: bool = False,
                   progress: Optional[Callable[[int, int], None]] = None) -> list[Path]:
     """Predict [Θ̂^{-1}, …, Θ̂^{-steps}] from checkpoint files [Θ^0, Θ^1, …] (paper order)
@@ -843,7 +844,7 @@ def predict_files(checkpoints: Sequence[PathLike], out_dir: PathLike,
     """
     known, known_path = resolve_known(method, known)
     check_arguments(method=method, nonfinite=nonfinite, steps=steps,
-                    chunk_rows=chunk_rows, count=len(checkpoints))
+                    chunk_rows=chunk_rows, count=len(checkpoints), precision=precision)
     out_dtype = _resolve_dtype(out_dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -870,8 +871,8 @@ def predict_files(checkpoints: Sequence[PathLike], out_dir: PathLike,
                 for f in files:
                     f.open()
                 _run(job, known=heads, method=method, steps=steps, lam=lam, backend=backend,
-                     threads=threads, nonfinite=nonfinite, chunk_rows=chunk_rows,
-                     device=comm.device, progress=progress)
+                     threads=threads, precision=precision, nonfinite=nonfinite,
+                     chunk_rows=chunk_rows, device=comm.device, progress=progress)
                 finished = True
             finally:
                 _close_all(files, sync=finished)

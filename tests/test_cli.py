@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 
@@ -9,6 +10,10 @@ from know_kernels import KNOWN
 from know_kernels.cli import main
 from know_kernels.predict import predict
 from test_predict import forgetting_checkpoints
+
+# The package exports functions under these modules' names.
+nowcast_module = importlib.import_module("know_kernels.nowcast")
+predict_module = importlib.import_module("know_kernels.predict")
 
 
 @pytest.fixture
@@ -142,3 +147,26 @@ def test_predict_sharded_checkpoints_with_out_dtype(tmp_path, capsys):
     assert main(["predict", paths[0], str(out / "know_step1"), *paths[2:], "--method", "linear",
                  "--out", str(out), "--force", "--quiet"]) == 2
     assert "would overwrite an input" in capsys.readouterr().err
+
+
+def test_predict_precision_option(setup, capsys, monkeypatch):
+    cks, paths, kpath, known, tmp = setup
+    out = tmp / "bf16"
+    seen = []
+    real = nowcast_module.nowcast
+
+    def spy(*args, **kw):
+        seen.append(kw["precision"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(predict_module, "nowcast", spy)
+    assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--quiet",
+                 "--precision", "bf16"]) == 0
+    assert seen and set(seen) == {"bf16"}
+    # On the CPU the products stay float32: the same bits as the default precision.
+    want = predict(cks, known)[0]
+    got = load_file(str(out / "know_step1.safetensors"))
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    with pytest.raises(SystemExit):
+        main(["predict", *paths, "--out", str(tmp / "x"), "--known", kpath, "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -147,3 +147,21 @@ def test_bad_options(tmp_path, argv, error, match):
 def test_out_required():
     with pytest.raises(ValueError, match="--out"):
         know("--runs", 1)
+
+
+@pytest.mark.parametrize("name,seed", [("default", 0), ("default", 7), ("quick", 3)])
+def test_every_combination_draws_a_learning_rate_from_every_stratum(name, seed):
+    preset = collect.PRESETS[name]
+    n = preset.lr_strata
+    size = len(preset.archs) * len(preset.datasets)
+    lo, hi = np.log(preset.lr_range)
+    edges = np.linspace(lo, hi, n + 1)
+    seen = {}
+    for k in range(2 * n * size):  # two full groups of n blocks
+        plan = collect.plan_run(preset, seed, k)
+        lr = collect.draw_settings(preset, seed, k, 10000)["lr"]
+        stratum = int(np.searchsorted(edges, np.log(lr), side="right")) - 1
+        assert stratum == collect.lr_stratum(preset, seed, k)
+        seen.setdefault((plan["arch"], plan["dataset"], k // (n * size)), []).append(stratum)
+    assert len(seen) == 2 * size
+    assert all(sorted(strata) == list(range(n)) for strata in seen.values())

@@ -98,8 +98,9 @@ def test_bad_arguments_are_named():
         lt.run(rows, target, packed, **{**kw, "loss_space": "log"})
     with pytest.raises(ValueError, match="norm"):
         lt.run(rows, target, packed, **{**kw, "norm": "z"})
-    with pytest.raises(ValueError, match="input_precision"):
-        lt.run(rows, target, packed, input_precision="fp8", **kw)
+    for precision in ("fp8", "bf16"):  # bf16 products are for inference only
+        with pytest.raises(ValueError, match="input_precision"):
+            lt.run(rows, target, packed, input_precision=precision, **kw)
     with pytest.raises(ValueError, match="rows"):
         lt.run(rows[:, :4], target, packed, **kw)
     with pytest.raises(TypeError, match="rows dtype"):

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -52,3 +54,48 @@ def test_empty_input():
     head = KNOWNHead(seed=5)
     assert nowcast(torch.empty(0, 5), head).shape == (0,)
     assert nowcast(torch.empty(0, 5), head, steps=3, all_steps=True).shape == (0, 3)
+
+
+def test_precision_switch_reaches_every_backend_as_a_mode_it_has():
+    from know_kernels.nowcast import PRECISION_ARGS, PRECISIONS
+    from know_kernels.ops import nowcast_cuda, nowcast_triton
+    accepted = {"cpu": lambda kw: kw == {},
+                "triton": lambda kw: kw["input_precision"] in nowcast_triton.PRECISIONS,
+                "cuda": lambda kw: kw["mode"] in nowcast_cuda.MODES}
+    assert set(PRECISION_ARGS) == set(accepted)
+    for backend, modes in PRECISION_ARGS.items():
+        assert set(modes) == set(PRECISIONS)
+        assert all(accepted[backend](kw) for kw in modes.values()), backend
+    # "float32" must stay the backends' accurate modes, the ones the 1e-5 tests hold.
+    assert PRECISION_ARGS["triton"]["float32"] == {"input_precision": "ieee"}
+    assert PRECISION_ARGS["cuda"]["float32"] == {"mode": "precise"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cpu_backends_compute_in_float32_whatever_precision_allows(backend):
+    if not backend_status(backend)[0]:
+        pytest.skip(backend_status(backend)[1])
+    head = KNOWNHead(seed=6)
+    rows = torch.randn(129, 5)
+    want = nowcast(rows, head, steps=2, backend=backend)
+    for precision in ("tf32", "bf16"):
+        assert torch.equal(nowcast(rows, head, steps=2, backend=backend, precision=precision),
+                           want)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        nowcast(rows, head, backend=backend, precision="fp8")
+
+
+def test_precision_is_passed_to_the_kernel(monkeypatch):
+    nowcast_module = importlib.import_module("know_kernels.nowcast")  # the package exports the function
+    seen = []
+
+    class Fake:
+        @staticmethod
+        def run(rows, packed, *, out, **kw):
+            seen.append(kw)
+            out.zero_()
+
+    monkeypatch.setattr(nowcast_module, "resolve_backend", lambda *a, **k: "triton")
+    monkeypatch.setattr(nowcast_module, "_kernel_module", lambda name, op="nowcast": Fake)
+    nowcast(torch.randn(3, 5), KNOWNHead(seed=7), precision="bf16")
+    assert seen[-1]["input_precision"] == "bf16"

@@ -10,6 +10,8 @@ import concurrent.futures
 import multiprocessing
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -118,7 +120,10 @@ def test_window_sizes(interpreter, S):
     _check(interpreter, BM + 1, torch.float32, "wnn", 2, True, seed=S, S=S)
 
 
-@pytest.mark.parametrize("precision", nt.PRECISIONS)
+# Not "bf16": the interpreter's tl.dot on bfloat16 operands returns garbage (errors of 1e10
+# on a 16 x 16 product of randn), so that mode is checked by compiling it (below), by the
+# PyTorch emulation of its rounding (bench/bench_nowcast_gpu.py --tf32-estimate) and on a GPU.
+@pytest.mark.parametrize("precision", [p for p in nt.PRECISIONS if p != "bf16"])
 def test_input_precision_modes_run(interpreter, precision):
     # The interpreter computes every tl.dot in float32 whatever input_precision says, so
     # this checks the plumbing only; TF32 accuracy needs a GPU (tests/test_nowcast_gpu.py).
@@ -211,6 +216,8 @@ def _compile(cc, precision, rows_dtype, all_steps):
     (80, "tf32x3", "bf16", True),
     (90, "ieee", "fp32", False),
     (90, "tf32", "fp16", True),
+    (80, "bf16", "bf16", False),
+    (90, "bf16", "fp32", True),
 ])
 def test_compiles_for_gpu(compiler, cc, precision, rows_dtype, all_steps):
     ptx, why = compiler(_compile, cc, precision, rows_dtype, all_steps)
@@ -218,4 +225,6 @@ def test_compiles_for_gpu(compiler, cc, precision, rows_dtype, all_steps):
         pytest.skip(why)
     assert f".target sm_{cc}" in ptx
     # TF32 modes must reach the tensor cores; "ieee" must not round through them.
-    assert ("tf32" in ptx) == (precision != "ieee")
+    assert ("tf32" in ptx) == (precision in ("tf32", "tf32x3"))
+    if precision == "bf16":
+        assert re.search(r"mma\S*\.bf16", ptx), "bf16 products are not on the tensor cores"

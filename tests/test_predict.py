@@ -114,6 +114,8 @@ def test_nonfinite_rows_error_or_pass_through():
         assert torch.isfinite(out[k]["3.weight"]).all()
     with pytest.raises(ValueError, match="nonfinite must be"):
         predict(cks, KNOWN.init(), nonfinite="ignore")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict(cks, KNOWN.init(), precision="fp8")
 
 
 def test_missing_head_and_overrides():

@@ -8,7 +8,7 @@ import os
 from tqdm import tqdm
 
 from ..baselines import DEFAULT_LAMBDA
-from ..nowcast import BACKENDS
+from ..nowcast import BACKENDS, PRECISIONS
 from ..predict import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE
 from ..streaming import predict_files
 
@@ -37,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="TaskVector's λ (default 0.2)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="lowest precision of the GPU kernels' matrix products: float32 "
+                        "(default, within 1e-5 of float64), or the faster tensor-core modes "
+                        "tf32 and bf16 (errors in bench/RESULTS.md); the CPU computes in float32"),
     p.add_argument("--nonfinite", default="error", choices=NONFINITE,
                    help="rows with NaN/Inf: refuse (default) or keep them at Θ^0")
     p.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
@@ -63,6 +67,7 @@ def run(args) -> int:
         targets = predict_files(args.checkpoints, args.out, args.known, steps=args.steps,
                                 method=args.method, lam=args.lam, backend=args.backend,
                                 nonfinite=args.nonfinite, threads=args.threads,
+                                precision=args.precision,
                                 out_dtype=args.out_dtype, chunk_rows=args.chunk_rows,
                                 device=args.device, force=args.force, progress=progress)
     if rank0:

@@ -17,7 +17,8 @@ The grid is a few programs per SM, so the buffer stays small whatever N is.
 
 Matrix products follow the inference kernel (``nowcast_triton.py``): tiles zero-padded to
 16 in every dimension, and the same ``input_precision`` switch ("ieee" by default; the
-1e-5 bound of the tests holds for it).  The interpreter (``TRITON_INTERPRET=1``, set before
+1e-5 bound of the tests holds for it) except "bf16", an inference-speed mode whose
+rounding is not meant for gradients.  The interpreter (``TRITON_INTERPRET=1``, set before
 triton is imported) runs the kernel on CPU tensors with one fixed configuration; on a GPU
 the block size, chunk and warps are autotuned per power of two of N.
 """
@@ -31,13 +32,15 @@ import torch
 from ..l1 import check_loss_space, check_run_args
 from ..packing import packed_offsets, packed_size
 from ..reference import check_norm
-from .nowcast_triton import (PRECISIONS, _device, _pad_dim, available, bottleneck_tiles,
-                             check_rows, hidden_chunk, interpreting, stream_forward,
-                             stream_offsets, tanh_parts, triton, wnn_normalise)
+from .nowcast_triton import PRECISIONS as _NOWCAST_PRECISIONS
+from .nowcast_triton import (_device, _pad_dim, available, bottleneck_tiles, check_rows,
+                             hidden_chunk, interpreting, stream_forward, stream_offsets,
+                             tanh_parts, triton, wnn_normalise)
+
+PRECISIONS = tuple(p for p in _NOWCAST_PRECISIONS if p != "bf16")
 
 if triton is not None:
     import triton.language as tl
-
     # Constexpr globals shared with the inference kernel (layout sizes, slope).
     from .nowcast_triton import _BOT, _HID, _OUT, _PAD, _SLOPE
 

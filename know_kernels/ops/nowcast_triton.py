@@ -53,7 +53,7 @@ except ImportError as exc:  # the module stays importable so `available` can say
 else:
     _IMPORT_ERROR = ""
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The interpreter gets one fixed configuration (autotuning there would only cost time).
 INTERPRET_BLOCK_M = 32
@@ -96,6 +96,16 @@ def stream_offsets(base, n):
 
 
 @_device
+def mm(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc) on tl.dot in the given precision; "bf16" rounds both operands to
+    bfloat16, whose products are exact in the float32 accumulator."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@_device
 def bottleneck_tiles(packed_ptr, base, n, KP: tl.constexpr):
     """g (KP x 16), gb (1 x 16) and a2 (16 x 32) of one stream, zero past the real rows and
     columns (tiles padded to what tl.dot accepts)."""
@@ -124,9 +134,9 @@ def hidden_chunk(inp, z, packed_ptr, base, n, c0, KP: tl.constexpr, HCHUNK: tl.c
     wc = tl.load(packed_ptr + wc_o + rb * _HID + cc, mask=rb < _BOT, other=0.0)
     w2 = tl.load(packed_ptr + w2_o + (c0 + tl.arange(0, HCHUNK))[:, None] * _OUT
                  + tl.arange(0, _OUT)[None, :])
-    h = tl.dot(inp, w1, input_precision=PRECISION) + tl.load(packed_ptr + b1 + cc)
-    b = tl.dot(z, wb, input_precision=PRECISION) + tl.load(packed_ptr + bb + cc)
-    c = tl.dot(z, wc, input_precision=PRECISION) + tl.load(packed_ptr + bc + cc)
+    h = mm(inp, w1, None, PRECISION) + tl.load(packed_ptr + b1 + cc)
+    b = mm(z, wb, None, PRECISION) + tl.load(packed_ptr + bb + cc)
+    c = mm(z, wc, None, PRECISION) + tl.load(packed_ptr + bc + cc)
     e = tl.exp(c * h)
     return h, c, e, b * e, wb, wc, w2
 
@@ -138,8 +148,8 @@ def stream_forward(inp, packed_ptr, base, n, KP: tl.constexpr, HCHUNK: tl.conste
     pre-activation of its LeakyReLU (padded columns of z stay exactly 0: relu(0 + 0))."""
     g, gb, a2 = bottleneck_tiles(packed_ptr, base, n, KP)
     b2_o = stream_offsets(base, n)[9]
-    z = tl.maximum(tl.dot(inp, g, input_precision=PRECISION) + gb, 0.0)
-    v = (tl.dot(z, a2, input_precision=PRECISION)
+    z = tl.maximum(mm(inp, g, None, PRECISION) + gb, 0.0)
+    v = (mm(z, a2, None, PRECISION)
          + tl.load(packed_ptr + b2_o + tl.arange(0, _OUT))[None, :])
     # The 64 hidden units go HCHUNK at a time through a runtime loop: only one chunk's
     # weights are live (an MMA's B operand is held whole by every warp), and the loop keeps
@@ -147,7 +157,7 @@ def stream_forward(inp, packed_ptr, base, n, KP: tl.constexpr, HCHUNK: tl.conste
     for c0 in range(0, _HID, HCHUNK):
         _, _, _, p, _, _, w2 = hidden_chunk(inp, z, packed_ptr, base, n, c0, KP, HCHUNK,
                                             PRECISION)
-        v = tl.dot(p, w2, v, input_precision=PRECISION)
+        v = mm(p, w2, v, PRECISION)
     return z, v
 
 
