@@ -125,3 +125,27 @@ def test_cli_backend_option():
     assert args.backend == "reference"
     with pytest.raises(SystemExit):
         parser.parse_args(["meta-train", "store", "--out", "k", "--backend", "tpu"])
+
+
+def test_meta_train_and_eval_commands_report_pooled_and_per_run(tmp_path, capsys):
+    import json
+
+    from know_kernels.cli import main
+    synthetic_store(tmp_path / "store", runs=6, rows=300)
+    out = tmp_path / "known.safetensors"
+    split = ["--val-arch", "densenet", "--val-dataset", ""]
+    assert main(["meta-train", str(tmp_path / "store"), "--out", str(out), "--epochs", "1",
+                 "--heads", "fc,bias", *split]) == 0
+    report = json.loads((tmp_path / "known.safetensors.validation.json").read_text())
+    for head in ("fc", "bias"):
+        runs = report["per_run"][head]
+        assert sorted(runs) == ["run2", "run5"] and all(r["windows"] == 600 for r in runs.values())
+        for name, pooled in report["validation"][head].items():
+            # Equal window counts: the pooled mean is the mean of the runs' means.
+            assert pooled == pytest.approx(sum(r[name] for r in runs.values()) / 2, rel=1e-12)
+    text = capsys.readouterr().out
+    assert "validation runs: 2" in text and "median ratio (2 runs)" in text
+    assert main(["meta-eval", str(tmp_path / "store"), "--known", str(out), *split]) == 0
+    again = capsys.readouterr().out
+    assert again.strip() in text
+    assert "copy-last" in again and "  0/2  1.000" in again  # copy-last never beats itself

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from ..fileio import atomic_path
 from ..heads import KNOWN
 from ..l1 import LOSS_SPACES
 from ..metatrain import (MetaTrainConfig, baseline_predictors, evaluate, known_predictor,
-                         meta_train, split_runs)
+                         meta_train, split_runs, window_count)
 from ..nowcast import BACKENDS
 from ..reference import NORMS
 from ..routing import HEADS
@@ -62,42 +63,62 @@ def register(sub) -> None:
     e.set_defaults(func=run_eval)
 
 
-def validation_table(store: MetaDataset, known: KNOWN, val_runs, authors: Optional[str]) -> dict:
+def validation_table(store: MetaDataset, known: KNOWN, val_runs,
+                     authors: Optional[str]) -> tuple[dict, dict]:
     """Per head: mean L1 to the true next snapshot for KNOWN, the baselines and, when given,
-    the authors' released heads (under both normalisations)."""
+    the authors' released heads (under both normalisations), over all validation windows
+    pooled; and the same per validation run, with its window count."""
     authors_known = None
     if authors:
         files = {h: Path(authors) / f for h, f in AUTHORS_FILES.items()}
         authors_known = KNOWN.from_keras_h5(**{h: p for h, p in files.items() if p.is_file()})
-    table = {}
+    table, per_run = {}, {}
     for head_name, head in known.items():
         predictors = {"KNOWN": known_predictor(head), **baseline_predictors()}
         if authors_known is not None and head_name in authors_known:
             for norm in ("raw", "wnn"):
                 predictors[f"authors ({norm})"] = known_predictor(authors_known[head_name], norm)
-        table[head_name] = evaluate(store, val_runs, head_name, head.S, predictors)
-    return table
+        runs = {}
+        for run in val_runs:
+            n = window_count(store, head_name, [run], head.S)
+            if n:
+                runs[run] = {**evaluate(store, [run], head_name, head.S, predictors), "windows": n}
+        if not runs:
+            raise ValueError(f"no validation windows for head {head_name!r}")
+        total = sum(r["windows"] for r in runs.values())
+        table[head_name] = {name: sum(r[name] * r["windows"] for r in runs.values()) / total
+                            for name in predictors}
+        per_run[head_name] = runs
+    return table, per_run
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict, per_run: dict) -> str:
+    """The pooled means (ratio to copy-last), and per predictor how many validation runs it
+    beats copy-last in and its median per-run ratio: pooled means weigh runs by their
+    windows and their step sizes, so a few big, fast-moving runs can decide them."""
     lines = []
     for head_name, scores in table.items():
         base = scores["copy-last"]
-        lines.append(f"head {head_name}: mean L1 to the true next snapshot (ratio to copy-last)")
+        runs = per_run[head_name].values()
+        lines.append(f"head {head_name}: mean L1 to the true next snapshot (ratio to copy-last); "
+                     f"per run: below copy-last in, median ratio ({len(runs)} runs)")
         for name, value in scores.items():
-            lines.append(f"  {name:<16} {value:.4e}  ({value / base:.3f})")
+            ratios = sorted(r[name] / r["copy-last"] for r in runs)
+            wins = sum(x < 1.0 for x in ratios)
+            lines.append(f"  {name:<16} {value:.4e}  ({value / base:.3f})   "
+                         f"{wins:>3}/{len(ratios)}  {statistics.median(ratios):.3f}")
     return "\n".join(lines)
 
 
-def _report(store, known, args) -> dict:
+def _report(store, known, args) -> tuple[dict, dict]:
     _, val_runs = split_runs(store, args.val_arch, args.val_dataset)
     if not val_runs:
         raise ValueError("no validation runs: no run matches --val-arch/--val-dataset")
-    table = validation_table(store, known, val_runs, args.authors)
+    table, per_run = validation_table(store, known, val_runs, args.authors)
     print(f"validation runs: {len(val_runs)} (held out: architectures {list(args.val_arch)}, "
           f"datasets {list(args.val_dataset)})")
-    print(format_table(table))
-    return table
+    print(format_table(table, per_run))
+    return table, per_run
 
 
 def run_train(args) -> int:
@@ -125,11 +146,12 @@ def run_train(args) -> int:
     known.provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
                         "store": store.summary().get("rows", {}),
                         "train_seconds": round(state.seconds, 1)}
-    table = _report(store, known, args)
+    table, per_run = _report(store, known, args)
     known.provenance["validation"] = table
     known.save(out)
     with atomic_path(out.with_name(out.name + ".validation.json")) as tmp:
-        tmp.write_text(json.dumps({"validation": table, "train_seconds": state.seconds,
+        tmp.write_text(json.dumps({"validation": table, "per_run": per_run,
+                                   "train_seconds": state.seconds,
                                    "history": state.history}, indent=1))
     ckpt.unlink(missing_ok=True)
     print(f"wrote {out} (training took {state.seconds:.0f} s)")
