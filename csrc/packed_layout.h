@@ -10,28 +10,41 @@
 
 namespace know {
 
+// The CUDA kernels (csrc/cuda/folded.cuh) compute the layout on the device, in int.
+#if defined(__CUDACC__)
+#define KNOW_LAYOUT_FN __host__ __device__ constexpr
+#else
+#define KNOW_LAYOUT_FN constexpr
+#endif
+
 constexpr int kHidden = 64;
 constexpr int kBottleneck = 8;
 constexpr int kOutHidden = 32;
 
 // Offsets, in floats from the start of the packed vector, of one stream's tensors.
-struct PackedStream {
+template <typename Index>
+struct PackedStreamT {
   int n;  // the stream's input width: S for x, S - 1 for d
-  int64_t w1, b1, g, gb, wb, bb, wc, bc;
-  int64_t w2;  // a2 follows w2 directly: [w2; a2] is one 72 x 32 matrix
-  int64_t a2, b2;
+  Index w1, b1, g, gb, wb, bb, wc, bc;
+  Index w2;  // a2 follows w2 directly: [w2; a2] is one 72 x 32 matrix
+  Index a2, b2;
 };
 
-struct PackedHead {
-  PackedStream stream[2];  // x, then d
-  int64_t wo, bo, size;    // wo: 2 x 32 (stream x's half first); bo ends the vector
+template <typename Index>
+struct PackedHeadT {
+  PackedStreamT<Index> stream[2];  // x, then d
+  Index wo, bo, size;              // wo: 2 x 32 (stream x's half first); bo ends the vector
 };
 
-static constexpr PackedHead packed_head(int S) {
-  PackedHead head{};
-  int64_t at = 0;
+using PackedStream = PackedStreamT<int64_t>;
+using PackedHead = PackedHeadT<int64_t>;
+
+template <typename Index = int64_t>
+static KNOW_LAYOUT_FN PackedHeadT<Index> packed_head(int S) {
+  PackedHeadT<Index> head{};
+  Index at = 0;
   for (int s = 0; s < 2; ++s) {
-    PackedStream& p = head.stream[s];
+    PackedStreamT<Index>& p = head.stream[s];
     p.n = S - s;
     p.w1 = at;
     p.b1 = p.w1 + p.n * kHidden;
@@ -51,6 +64,8 @@ static constexpr PackedHead packed_head(int S) {
   head.size = head.bo + 1;
   return head;
 }
+
+#undef KNOW_LAYOUT_FN
 
 static_assert(packed_head(5).size == 7833, "packing.packed_size(5)");
 

@@ -1,54 +1,22 @@
 // What every KNOWN kernel of this directory shares: the layout of the folded, packed head
-// (know_kernels/packing.py), the model's constants, reading a snapshot of any input dtype,
-// and 3xTF32 tensor-core products (each float32 operand split into a TF32 "big" part and a
+// (../packed_layout.h, shared with the CPU kernels), the model's constants, reading a
+// snapshot of any input dtype, and 3xTF32 tensor-core products (each float32 operand split into a TF32 "big" part and a
 // TF32 "small" remainder; big*big + big*small + small*big keeps float32-level accuracy).
 #pragma once
 
 #include <cstdint>
 
+#include "../packed_layout.h"
 #include "device.cuh"
 
 namespace know::cuda {
 
-constexpr int kHidden = 64, kBottleneck = 8, kOutHidden = 32;
 constexpr float kLeakySlope = 0.3f;
 constexpr float kWnnEps = 1e-8f + 1e-5f;
 
-// Offsets of one stream's folded tensors in the packed vector (layout: packing.py).
-struct StreamLayout {
-  int w1, b1, g, gb, wb, bb, wc, bc, w2, a2, b2;
-};
-
-__host__ __device__ __forceinline__ int stream_size(int n) {
-  return n * kHidden + kHidden + n * kBottleneck + kBottleneck +
-         2 * (kBottleneck * kHidden + kHidden) + kHidden * kOutHidden +
-         kBottleneck * kOutHidden + kOutHidden;
-}
-
-__host__ __device__ __forceinline__ StreamLayout stream_layout(int base, int n) {
-  StreamLayout s;
-  s.w1 = base;
-  s.b1 = s.w1 + n * kHidden;
-  s.g = s.b1 + kHidden;
-  s.gb = s.g + n * kBottleneck;
-  s.wb = s.gb + kBottleneck;
-  s.bb = s.wb + kBottleneck * kHidden;
-  s.wc = s.bb + kHidden;
-  s.bc = s.wc + kBottleneck * kHidden;
-  s.w2 = s.bc + kHidden;
-  s.a2 = s.w2 + kHidden * kOutHidden;
-  s.b2 = s.a2 + kBottleneck * kOutHidden;
-  return s;
-}
-
-// Where wo (2 x 32 values, stream x's half first) starts; bo follows it and ends the vector.
-__host__ __device__ __forceinline__ int head_offset(int S) {
-  return stream_size(S) + stream_size(S - 1);
-}
-
-__host__ __device__ __forceinline__ int packed_floats(int S) {
-  return head_offset(S) + 2 * kOutHidden + 1;
-}
+// The kernels index the packed head in int (it has a few thousand floats).
+using StreamLayout = PackedStreamT<int>;
+using HeadLayout = PackedHeadT<int>;
 
 __device__ __forceinline__ float load_value(const void* rows, int dtype, std::int64_t i) {
   if (dtype == kBFloat16) return bfloat16_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));

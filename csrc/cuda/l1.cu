@@ -54,7 +54,8 @@ constexpr int kTileFloats = 2 * kTile * kLd8      // in: x and d
                             + kRowValues * kTile;
 
 __host__ __device__ inline int smem_floats(int S) {
-  return round4(packed_floats(S)) + round4(packed_floats(S) + 1) + kTileFloats;
+  const int floats = packed_head<int>(S).size;
+  return round4(floats) + round4(floats + 1) + kTileFloats;
 }
 
 struct Smem {
@@ -252,7 +253,7 @@ __device__ void head(const Smem& m, const Params& p, int wo, std::int64_t row0) 
   }
   __syncthreads();
   const int j = threadIdx.x;
-  const int P = packed_floats(p.S);
+  const int P = packed_head<int>(p.S).size;
   if (j < 2 * kOutHidden) {
     float s = 0.0f;
     for (int i = 0; i < kTile; ++i) {
@@ -323,9 +324,11 @@ __device__ void backward(const Smem& m, const StreamLayout& L, int n, int s) {
 
 __global__ void __launch_bounds__(kThreads, 1) l1_kernel(Params p) {
   KNOW_DYNAMIC_SHARED(smem);
-  const int S = p.S, P = packed_floats(S);
+  const int S = p.S;
+  const HeadLayout layout = packed_head<int>(S);
+  const int P = layout.size;
   const Smem m = carve(smem, P);
-  const StreamLayout L[2] = {stream_layout(0, S), stream_layout(stream_size(S), S - 1)};
+  const StreamLayout* L = layout.stream;
   for (int i = threadIdx.x; i < P; i += kThreads) {
     m.w[i] = __ldg(p.packed + i);
     m.grad[i] = 0.0f;
@@ -338,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1) l1_kernel(Params p) {
     load_tile(m, p, row0);
     forward(m, L[0], S, 0);
     forward(m, L[1], S - 1, 1);
-    head(m, p, head_offset(S), row0);
+    head(m, p, layout.wo, row0);
     backward(m, L[1], S - 1, 1);
     hidden(m, L[0], S, 0);
     backward(m, L[0], S, 0);
@@ -394,7 +397,7 @@ std::string l1_workspace_floats(std::int64_t n, int S, int device, std::int64_t*
   int blocks = 0;
   std::size_t smem = 0;
   const std::string error = plan(n, S, device, &blocks, &smem);
-  *floats = error.empty() ? std::int64_t{blocks} * (packed_floats(S) + 1) : 0;
+  *floats = error.empty() ? std::int64_t{blocks} * (packed_head<int>(S).size + 1) : 0;
   return error;
 }
 
@@ -407,7 +410,7 @@ std::string l1_loss(const L1Args& a) {
   std::string error = plan(a.n, a.S, a.device, &blocks, &smem);
   if (!error.empty()) return error;
   if (!a.grad || !a.loss) return "null device pointer (grad or loss)";
-  const int width = packed_floats(a.S) + 1;
+  const int width = packed_head<int>(a.S).size + 1;
   if (a.n > 0) {
     if (!a.rows || !a.target || !a.packed || !a.workspace) return "null device pointer";
     if (a.workspace_floats < std::int64_t{blocks} * width) {

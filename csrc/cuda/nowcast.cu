@@ -96,7 +96,8 @@ __device__ float fragment_value(const float* packed, const StreamLayout& s, int 
 
 template <bool kPrecise>
 __device__ void stage_weights(float* smem, const float* packed, int S) {
-  const StreamLayout layout[2] = {stream_layout(0, S), stream_layout(stream_size(S), S - 1)};
+  const HeadLayout head = packed_head<int>(S);
+  const StreamLayout* layout = head.stream;
   float* big = smem;
   float* small = smem + 2 * kStreamFragFloats;
   for (int i = threadIdx.x; i < 2 * kStreamFragFloats; i += blockDim.x) {
@@ -108,7 +109,7 @@ __device__ void stage_weights(float* smem, const float* packed, int S) {
     if (kPrecise) small[i] = as_float(to_tf32(v - as_float(hi)));
   }
   float* vec = smem + (kPrecise ? 4 : 2) * kStreamFragFloats;
-  const int wo = 2 * stream_size(S) - kHidden - kBottleneck;
+  const int wo = head.wo;
   for (int i = threadIdx.x; i < 2 * kStreamVecFloats; i += blockDim.x) {
     const int stream = i / kStreamVecFloats, r = i % kStreamVecFloats;
     const StreamLayout& s = layout[stream];
