@@ -21,6 +21,7 @@ import torch
 
 from .baselines import extrapolate
 from .fileio import PathLike, atomic_path
+from .forgetting import derive_seed
 from .heads import KNOWN, KNOWNHead
 from .l1 import check_loss_space, l1_loss
 from .nowcast import BACKENDS, nowcast
@@ -44,6 +45,10 @@ class MetaTrainConfig:
     mix_chunks: int = 16
     reg_kernel: float = 1e-6
     reg_bias: float = 0.1
+    # Negate each training window and its target with probability 1/2 (a trajectory and its
+    # mirror image are equally plausible).  Off: on the default meta-dataset it helped the fc
+    # head a little and cost the bias head more (MODEL_CARD.md).
+    sign_flip: bool = False
     seed: int = 0
     val_architectures: tuple = ("densenet",)
     val_datasets: tuple = ("digits",)
@@ -62,6 +67,8 @@ class MetaTrainConfig:
         for name in ("batch_size", "chunk_rows", "mix_chunks", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.sign_flip, bool):
+            raise ValueError(f"sign_flip must be True or False, got {self.sign_flip!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
         return self
@@ -90,10 +97,13 @@ def split_runs(store: MetaDataset, val_architectures: Sequence[str] = (),
 
 
 def window_batches(store: MetaDataset, head: str, runs: Sequence[str], S: int, batch_size: int,
-                   *, chunk_rows: int, mix_chunks: int, seed: int,
-                   shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Minibatches of (inputs (B, S) float32, targets (B,)) from ``runs``' ``head`` rows."""
+                   *, chunk_rows: int, mix_chunks: int, seed: int, shuffle: bool = True,
+                   sign_flip: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Minibatches of (inputs (B, S) float32, targets (B,)) from ``runs``' ``head`` rows;
+    ``sign_flip`` negates a random half of the windows together with their targets."""
     gen = torch.Generator().manual_seed(seed)
+    # Signs from a stream of their own: flipping leaves the batches' order as it was.
+    flips = torch.Generator().manual_seed(derive_seed(seed, 1))
     buffer_x, buffer_y = [], []
 
     def drain():
@@ -101,6 +111,9 @@ def window_batches(store: MetaDataset, head: str, runs: Sequence[str], S: int, b
         if shuffle:
             perm = torch.randperm(x.shape[0], generator=gen)
             x, y = x[perm], y[perm]
+        if sign_flip:
+            sign = torch.randint(0, 2, (x.shape[0],), generator=flips).to(x.dtype) * 2 - 1
+            x, y = x * sign[:, None], y * sign
         buffer_x.clear()
         buffer_y.clear()
         for start in range(0, x.shape[0], batch_size):
@@ -207,7 +220,8 @@ def meta_train(store: MetaDataset, cfg: MetaTrainConfig, *, checkpoint: Optional
             # one; the batches of this epoch done before the interruption are skipped.
             batches = window_batches(store, head_name, train_runs, cfg.S, cfg.batch_size,
                                      chunk_rows=cfg.chunk_rows, mix_chunks=cfg.mix_chunks,
-                                     seed=cfg.seed * 1000 + state.epoch)
+                                     seed=cfg.seed * 1000 + state.epoch,
+                                     sign_flip=cfg.sign_flip)
             for b, (x, y) in enumerate(batches):
                 if b < state.batch:
                     continue

@@ -149,3 +149,26 @@ def test_meta_train_and_eval_commands_report_pooled_and_per_run(tmp_path, capsys
     again = capsys.readouterr().out
     assert again.strip() in text
     assert "copy-last" in again and "  0/2  1.000" in again  # copy-last never beats itself
+
+
+def test_sign_flip_negates_whole_windows_with_their_targets(tmp_path):
+    store = synthetic_store(tmp_path, runs=2, rows=300)
+    kw = dict(chunk_rows=100, mix_chunks=3, seed=4)
+    plain = list(window_batches(store, "fc", ["run0", "run1"], 5, 128, **kw))
+    flipped = list(window_batches(store, "fc", ["run0", "run1"], 5, 128, sign_flip=True, **kw))
+    signs = []
+    for (x, y), (fx, fy) in zip(plain, flipped, strict=True):
+        sign = torch.where(torch.isclose(fy, y), 1.0, -1.0)
+        assert torch.equal(fy, sign * y) and torch.equal(fx, sign[:, None] * x)
+        signs.append(sign)
+    share = float((torch.cat(signs) < 0).float().mean())
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="sign_flip"):
+        config(sign_flip=1).check()
+
+
+def test_cli_sign_flip_option():
+    parser = build_parser()
+    assert parser.parse_args(["meta-train", "s", "--out", "k"]).sign_flip is MetaTrainConfig.sign_flip
+    assert parser.parse_args(["meta-train", "s", "--out", "k", "--sign-flip"]).sign_flip is True
+    assert parser.parse_args(["meta-train", "s", "--out", "k", "--no-sign-flip"]).sign_flip is False

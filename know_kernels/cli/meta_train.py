@@ -1,6 +1,7 @@
 """``know meta-train STORE --out PATH`` and ``know meta-eval STORE --known PATH``."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -49,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--heads", type=_csv, default=HEADS)
     p.add_argument("--S", type=int, default=MetaTrainConfig.S)
     p.add_argument("--seed", type=int, default=MetaTrainConfig.seed)
+    p.add_argument("--sign-flip", action=argparse.BooleanOptionalAction,
+                   default=MetaTrainConfig.sign_flip,
+                   help="negate a random half of the training windows with their targets "
+                        "(default: off)")
     p.add_argument("--backend", choices=BACKENDS + ("auto",), default=MetaTrainConfig.backend,
                    help="l1_loss backend (default auto: the fused kernel for the device)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
@@ -129,7 +134,8 @@ def run_train(args) -> int:
     cfg = MetaTrainConfig(S=args.S, norm=args.norm, loss_space=args.loss_space,
                           heads=tuple(args.heads), batch_size=args.batch_size, lr=args.lr,
                           epochs=args.epochs, seed=args.seed, val_architectures=tuple(args.val_arch),
-                          val_datasets=tuple(args.val_dataset), backend=args.backend).check()
+                          val_datasets=tuple(args.val_dataset), backend=args.backend,
+                          sign_flip=args.sign_flip).check()
     ckpt = out.with_name(out.name + ".ckpt")
     bars = {}
 
