@@ -4,6 +4,8 @@
     python bench/bench_nowcast_gpu.py --quick          # N = 11.2M only
     python bench/bench_nowcast_gpu.py --exp            # exp cost: SFU vs polynomial vs mixed
     python bench/bench_nowcast_gpu.py --tf32-estimate  # CPU only: TF32/bf16 accuracy, emulated
+    ncu --profile-from-start off --clock-control none python bench/bench_nowcast_gpu.py --once
+                                                       # each path once at N = 11.2M, for a profiler
 
 Rows are bfloat16 snapshots (5 per row, weight-like trajectories), predictions float32,
 one step, "wnn" norm.  Times are the kernel alone (the backend's ``run`` on a packed head,
@@ -305,10 +307,34 @@ def tf32_estimate() -> None:
             print(f"{name:12s} {norm:5s} " + " ".join(f"{worst[m]:30.2e}" for m in modes))
 
 
+def profile_once() -> None:
+    """Warm every available path up (Triton autotunes), then run each once at N = 11.2M
+    between cudaProfilerStart and Stop, so that a profiler started with its capture off
+    (``ncu --profile-from-start off``) sees one launch per path and nothing else."""
+    print_provenance()
+    head = KNOWNHead(S=S, norm="wnn", seed=0)
+    packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S).cuda()
+    rows = trajectories(RESNET18)
+    out = torch.empty(RESNET18, device="cuda")
+    paths = [(label, run_fn(backend), kwargs) for label, backend, kwargs, _ in PATHS
+             if backend_status(backend, "cuda")[0]]
+    for _, run, kwargs in paths:
+        run(rows, packed, S=S, norm="wnn", steps=1, out=out, **kwargs)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for label, run, kwargs in paths:
+        run(rows, packed, S=S, norm="wnn", steps=1, out=out, **kwargs)
+        print(f"profiled launch: {label}")
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 11.2M only")
     parser.add_argument("--exp", action="store_true", help="exp micro-benchmark (CUDA)")
+    parser.add_argument("--once", action="store_true",
+                        help="each path once at N = 11.2M after warm-up, for a profiler")
     parser.add_argument("--tf32-estimate", action="store_true",
                         help="emulated TF32 accuracy on the CPU (no GPU needed)")
     args = parser.parse_args()
@@ -320,6 +346,9 @@ def main() -> None:
                  "(torch.cuda.is_available() is False); only --tf32-estimate runs without one")
     if args.exp:
         exp_benchmark()
+        return
+    if args.once:
+        profile_once()
         return
     table(SIZES[:1] if args.quick else SIZES)
 

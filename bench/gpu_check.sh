@@ -2,15 +2,17 @@
 # One pass on a CUDA machine: build both extensions, run the GPU tests, then the GPU
 # benchmarks.  Logs go to $OUT (or ./out) so that they survive a time-out; each step has
 # its own limit so that one slow step cannot take the rest with it.
-#   bash bench/gpu_check.sh            # everything (about 9 minutes on an H100/H200)
+#   bash bench/gpu_check.sh            # everything (about 10 minutes on an H100/H200)
 #   STEPS="build tests" bash bench/gpu_check.sh
+# Where one command may run 10 minutes at most, split it in two on the same machine (the
+# build stays): STEPS="build selftest tests l1tests", then STEPS="full l1bench exp profile".
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PATH="$PATH:/usr/local/cuda/bin"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build tests selftest l1tests full l1bench exp"}
+STEPS=${STEPS:-"build tests selftest l1tests full l1bench exp profile"}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -34,3 +36,10 @@ step l1tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_l1_gpu.py tests
 TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
 TAIL=30 step l1bench 120 $PY bench/bench_l1_gpu.py
 step exp 80 $PY bench/bench_nowcast_gpu.py --exp
+# What bounds each path: one launch per path under Nsight Compute, where it can read the
+# counters (Firecracker machines; on gVisor ncu fails and the step says so).
+if command -v ncu > /dev/null; then
+  TAIL=120 step profile 150 ncu --profile-from-start off --clock-control none \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+    --section LaunchStats $PY bench/bench_nowcast_gpu.py --once
+fi
