@@ -44,6 +44,19 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def open_hdf5(path: PathLike, what: str, expected: str):
+    """``path`` opened read-only with h5py; a missing file or one h5py cannot read gets an
+    error naming it (``what``: the file's role, ``expected``: the format it should have)."""
+    import h5py
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path}: not {expected} ({exc})") from exc
+
+
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """A flat state dict from ``.pt``/``.pth`` (weights_only) or ``.safetensors``."""
     path = Path(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import PathLike
+from .fileio import PathLike, open_hdf5
 
 _ROLE_OF_LAYER = {}
 for _i, _role in enumerate(("1", "d", "a", "b", "c", "2")):
@@ -26,15 +26,8 @@ def _describe(layer: str) -> str:
 
 def read_keras_head(path: PathLike) -> tuple[dict[str, torch.Tensor], int]:
     """Read one head; returns (canonical-name params, S).  Errors name the missing layer."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Keras weights file not found: {path}")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not an HDF5 file ({exc})") from exc
+    fh = open_hdf5(path, "Keras weights file", "an HDF5 file")
     with fh:
         root = fh["model_weights"] if "model_weights" in fh else fh
         params: dict[str, torch.Tensor] = {}

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .fileio import PathLike
+from .fileio import PathLike, open_hdf5
 from .store import MetaDataset, Trajectory
 
 MAT_HEADS = {"ConvWeights": ("conv", 4), "FCWeights": ("fc", 2), "Bias": ("bias", 2)}
@@ -59,12 +59,7 @@ def read_mat(path: PathLike) -> Trajectory:
     """One ``.mat`` file as a :class:`Trajectory` (float32 rows, column 0 = full data)."""
     import h5py
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"meta-dataset file not found: {path}")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not a MATLAB v7.3 / HDF5 file ({exc})") from exc
+    fh = open_hdf5(path, "meta-dataset file", "a MATLAB v7.3 / HDF5 file")
     heads, params, stages = {}, [], None
     with fh:
         for key, (head, ndim) in MAT_HEADS.items():
