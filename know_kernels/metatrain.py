@@ -103,7 +103,7 @@ def window_batches(store: MetaDataset, head: str, runs: Sequence[str], S: int, b
     ``sign_flip`` negates a random half of the windows together with their targets."""
     gen = torch.Generator().manual_seed(seed)
     # Signs from a stream of their own: flipping leaves the batches' order as it was.
-    flips = torch.Generator().manual_seed(derive_seed(seed, 1))
+    flips = torch.Generator().manual_seed(derive_seed(seed, 1)) if sign_flip else None
     buffer_x, buffer_y = [], []
 
     def drain():
