@@ -136,10 +136,10 @@ def test_past_int32_indexing(backend):
     torch.cuda.empty_cache()
 
 
-def _packed_case(n, seed, norm="wnn", steps=2):
-    head = KNOWNHead(5, norm, seed=seed)
-    rows = _rows(n, torch.float32, seed + 200)
-    packed = pack({k: v.detach() for k, v in head.params_dict().items()}, 5).cuda()
+def _packed_case(n, seed, norm="wnn", steps=2, S=5):
+    head = KNOWNHead(S, norm, seed=seed)
+    rows = _rows(n, torch.float32, seed + 200, S=S)
+    packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S).cuda()
     ref = nowcast_ref(rows.double(), params64(head), norm, steps=steps, all_steps=True)
     out = torch.full((n, steps), float("nan"), device="cuda")
     return rows, packed, out, ref
@@ -161,18 +161,37 @@ def test_triton_input_precision(precision, tol, norm):
 
 
 @pytest.mark.parametrize("mode,tol", [("precise", TOL), ("fast", CUDA_FAST_TOL)])
-@pytest.mark.parametrize("exp", ["sfu", "poly", "mixed"])
+@pytest.mark.parametrize("blocks_per_sm", [1, 2])
 @pytest.mark.parametrize("norm", ["wnn", "raw"])
-def test_cuda_modes(mode, tol, exp, norm):
+@pytest.mark.parametrize("S", [5, 6])
+def test_cuda_modes(mode, tol, blocks_per_sm, norm, S):
+    # S = 5 runs the kernel compiled for that window, S = 6 the one that reads S.
     ok, why = backend_status("cuda", "cuda")
     if not ok:
         pytest.skip(why)
     from know_kernels.ops import nowcast_cuda
-    rows, packed, out, ref = _packed_case(20011, 12, norm)
-    nowcast_cuda.run(rows, packed, S=5, norm=norm, steps=2, out=out, mode=mode, exp=exp)
+    rows, packed, out, ref = _packed_case(20011, 12, norm, S=S)
+    nowcast_cuda.run(rows, packed, S=S, norm=norm, steps=2, out=out, mode=mode,
+                     blocks_per_sm=blocks_per_sm)
     torch.cuda.synchronize()
     assert not out.isnan().any()
     assert _rel(out, ref) <= tol
+
+
+def test_cuda_register_budgets_give_identical_results():
+    ok, why = backend_status("cuda", "cuda")
+    if not ok:
+        pytest.skip(why)
+    from know_kernels.ops import nowcast_cuda
+    rows, packed, out, _ = _packed_case(nowcast_cuda.TUNE_MIN_ROWS + 5, 14, "wnn")
+    got = {}
+    for blocks in (1, 2, None):  # None: timed once, then the faster of the two
+        out.fill_(float("nan"))
+        nowcast_cuda.run(rows, packed, S=5, norm="wnn", steps=2, out=out, mode="fast",
+                         blocks_per_sm=blocks)
+        got[blocks] = out.clone()
+    assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[None])
+    assert (rows.device.index, False, 5) in nowcast_cuda.tuned()
 
 
 @pytest.mark.parametrize("S", [2, 3, 8])

@@ -193,23 +193,25 @@ def compile_ptx(kernel, signature, constexprs, cc, config):
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as exc:
         return None, f"triton's NVIDIA backend is not installed ({exc})"
-    block_m, chunk, warps, stages = config
+    block_m, chunk, warps, stages, *maxnreg = config
     constexprs = {**constexprs, "BLOCK_M": block_m, "HCHUNK": chunk}
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg and maxnreg[0] is not None:
+        options["maxnreg"] = maxnreg[0]
     compiled = triton.compile(ASTSource(fn=kernel().fn, signature=signature,
                                         constexprs=constexprs),
-                              target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+                              target=GPUTarget("cuda", cc, 32), options=options)
     assert compiled.asm["cubin"], "no cubin produced"
     return compiled.asm["ptx"], ""
 
 
-def _compile(cc, precision, rows_dtype, all_steps):
+def _compile(cc, precision, rows_dtype, all_steps, config=nt.AUTOTUNE_CONFIGS[4]):
     signature = {"rows_ptr": f"*{rows_dtype}", "packed_ptr": "*fp32", "out_ptr": "*fp32",
                  "N": "i64", "steps": "i32", "n_bucket": "i32"}
     constexprs = {"S": 5, "KP": 16, "WNN": True, "ALL_STEPS": all_steps,
                   "PRECISION": precision}
-    return compile_ptx(nt._kernel, signature, constexprs, cc, nt.AUTOTUNE_CONFIGS[-1])
+    return compile_ptx(nt._kernel, signature, constexprs, cc, config)
 
 
 @pytest.mark.parametrize("cc,precision,rows_dtype,all_steps", [
@@ -228,3 +230,15 @@ def test_compiles_for_gpu(compiler, cc, precision, rows_dtype, all_steps):
     assert ("tf32" in ptx) == (precision in ("tf32", "tf32x3"))
     if precision == "bf16":
         assert re.search(r"mma\S*\.bf16", ptx), "bf16 products are not on the tensor cores"
+
+
+@pytest.mark.parametrize("config", nt.AUTOTUNE_CONFIGS, ids=str)
+def test_every_autotune_config_compiles_for_sm90(compiler, config):
+    ptx, why = compiler(_compile, 90, "tf32", "bf16", False, config)
+    if ptx is None:
+        pytest.skip(why)
+    assert "wgmma" in ptx
+    # A register cap must reach ptxas, or the config is a copy of an uncapped one.
+    maxnreg = config[4]
+    assert (re.search(r"\.maxnreg\s+(\d+)", ptx) or [None, None])[1] == (
+        None if maxnreg is None else str(maxnreg))

@@ -48,46 +48,19 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)
 #endif
 }
 
-// exp on the special-function unit: ex2.approx (max relative error about 2^-22) after one
-// multiplication by log2(e).
-__device__ __forceinline__ float exp_sfu(float x) {
+// 2^x on the special-function unit: ex2.approx (max relative error about 2^-22).
+__device__ __forceinline__ float exp2_sfu(float x) {
 #ifdef KNOW_CUDA_EMULATE
-  return std::exp2(x * kLog2e);
+  return std::exp2(x);
 #else
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #endif
 }
 
-// exp on the FMA pipes: 2^y = 2^n * 2^f with n = rint(y), |f| <= 1/2, and 2^f from a
-// degree-6 polynomial (relative error below 1e-7 on [-1/2, 1/2], fitted for float32
-// evaluation).  y is clamped so that 2^n stays representable; the last doubling lets
-// results up to FLT_MAX through and turns larger ones into +inf, as expf does.  Results
-// below 2^-126 flush to zero, as ex2.approx.ftz does.
-__device__ __forceinline__ float exp_poly(float x) {
-  const float y = fminf(fmaxf(x * kLog2e, -126.0f), 128.0f);
-  const float n = rintf(y);
-  const float f = y - n;
-  float p = 1.5345806605182588e-4f;
-  p = fmaf(p, f, 1.3399932067841291e-3f);
-  p = fmaf(p, f, 9.618489071726799e-3f);
-  p = fmaf(p, f, 5.550328642129898e-2f);
-  p = fmaf(p, f, 2.4022646248340607e-1f);
-  p = fmaf(p, f, 6.931471824645996e-1f);
-  p = fmaf(p, f, 1.0f);
-  const float scale = __int_as_float((static_cast<int>(n) + 126) << 23);  // 2^(n-1)
-  return (p * scale) * 2.0f;
-}
-
-// exp in one of the ExpMode flavours (nowcast.cuh); kExpMixed sends odd-numbered work
-// items to the polynomial and even ones to the SFU.
-template <int kExp>
-__device__ __forceinline__ float exp_by_mode(float x, int odd) {
-  if (kExp == kExpSfu) return exp_sfu(x);
-  if (kExp == kExpPoly) return exp_poly(x);
-  return odd ? exp_poly(x) : exp_sfu(x);
-}
+// e^x on the special-function unit, after one multiplication by log2(e).
+__device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * kLog2e); }
 
 __device__ __forceinline__ float bfloat16_to_float(std::uint16_t b) {
   return __uint_as_float(static_cast<std::uint32_t>(b) << 16);

@@ -1,6 +1,7 @@
 // Micro-benchmark of the exp flavours (ExpMode): how fast can an SM evaluate exp on the
 // special-function units, on the FMA pipes, or on both at once?  bench/bench_nowcast_gpu.py
-// times it; the answer says which kExp suits the nowcast kernel on a given card.
+// times it; the answer says whether the SFU exps of the nowcast kernel (128 per row) could
+// bound it on a given card, and what moving some onto the FMA pipes would buy.
 #include <algorithm>
 
 #include "device.cuh"
@@ -8,6 +9,35 @@
 
 namespace know::cuda {
 namespace {
+
+// exp on the FMA pipes: 2^y = 2^n * 2^f with n = rint(y), |f| <= 1/2, and 2^f from a
+// degree-6 polynomial (relative error below 1e-7 on [-1/2, 1/2], fitted for float32
+// evaluation).  y is clamped so that 2^n stays representable; the last doubling lets
+// results up to FLT_MAX through and turns larger ones into +inf, as expf does.  Results
+// below 2^-126 flush to zero, as ex2.approx.ftz does.
+__device__ __forceinline__ float exp_poly(float x) {
+  const float y = fminf(fmaxf(x * kLog2e, -126.0f), 128.0f);
+  const float n = rintf(y);
+  const float f = y - n;
+  float p = 1.5345806605182588e-4f;
+  p = fmaf(p, f, 1.3399932067841291e-3f);
+  p = fmaf(p, f, 9.618489071726799e-3f);
+  p = fmaf(p, f, 5.550328642129898e-2f);
+  p = fmaf(p, f, 2.4022646248340607e-1f);
+  p = fmaf(p, f, 6.931471824645996e-1f);
+  p = fmaf(p, f, 1.0f);
+  const float scale = __int_as_float((static_cast<int>(n) + 126) << 23);  // 2^(n-1)
+  return (p * scale) * 2.0f;
+}
+
+// exp in one of the ExpMode flavours (nowcast.cuh); kExpMixed sends odd-numbered work
+// items to the polynomial and even ones to the SFU.
+template <int kExp>
+__device__ __forceinline__ float exp_by_mode(float x, int odd) {
+  if (kExp == kExpSfu) return exp_sfu(x);
+  if (kExp == kExpPoly) return exp_poly(x);
+  return odd ? exp_poly(x) : exp_sfu(x);
+}
 
 constexpr int kChains = 8;  // independent dependency chains per thread, for ILP
 

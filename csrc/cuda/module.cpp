@@ -54,7 +54,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("nowcast",
         [](std::uintptr_t rows, int rows_dtype, std::uintptr_t packed, std::uintptr_t out,
            int out_dtype, std::int64_t n, int S, bool wnn, int steps, bool all_steps,
-           bool precise, int exp_mode, std::uintptr_t stream, int device) {
+           bool precise, int blocks_per_sm, std::uintptr_t stream, int device) {
           NowcastArgs a;
           a.rows = rows;
           a.rows_dtype = rows_dtype;
@@ -67,14 +67,14 @@ PYBIND11_MODULE(_cuda, m) {
           a.steps = steps;
           a.all_steps = all_steps;
           a.precise = precise;
-          a.exp_mode = exp_mode;
+          a.blocks_per_sm = blocks_per_sm;
           a.stream = stream;
           a.device = device;
           queue(know::cuda::nowcast, a);
         },
         py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("steps"),
-        py::arg("all_steps"), py::arg("precise"), py::arg("exp_mode"), py::arg("stream"),
+        py::arg("all_steps"), py::arg("precise"), py::arg("blocks_per_sm"), py::arg("stream"),
         py::arg("device"),
         "Queue the fused kernel on `stream`.  Pointers are device addresses.");
   m.def("l1_workspace_floats",

@@ -12,8 +12,8 @@
 //   z = relu(inp @ g + gb)                        1 product
 //   v = z @ a2 + b2                               4
 //   for each 8 hidden units j:                    8 x (1 + 2 + 4)
-//     h = inp @ w1_j + b1_j,  b = z @ wb_j + bb_j,  c = z @ wc_j + bc_j
-//     v += (b * exp(c * h)) @ w2_j
+//     h = inp @ w1_j + b1_j,  b = z @ wb_j + bb_j,  c = z @ wc_j + bc_j   (c times log2 e)
+//     v += (b * exp2(c * h)) @ w2_j
 //   head += leaky_relu(v) . wo
 // Interleaving the 64 hidden units with the accumulation into v keeps only one 8-unit
 // slice of h, b, c alive, which is what lets kTileRows rows share each B fragment.
@@ -24,7 +24,17 @@
 //
 // Precision: "precise" splits both operands into TF32 big + small parts and sums three
 // products (3xTF32), which keeps the kernel within 1e-5 of float64; "fast" uses one TF32
-// product.  All other arithmetic is float32.
+// product.  All other arithmetic is float32; the exps run on the special-function units
+// (ex2.approx; a polynomial on the FMA pipes, alone or for half of them, was slower on an
+// H200 in both precisions: bench/RESULTS.md).  wc and bc are staged times log2(e), so that
+// c h arrives in base 2 and exp(c h) is one ex2 with no multiplication before it.
+//
+// Variants.  kWindow = 5 is a copy for the paper's window (S known at compile time: no
+// per-element tests of S, fewer registers); kWindow = 0 reads S at run time.  kBlocks is
+// the number of resident blocks per SM the registers are budgeted for: 1 leaves the
+// compiler up to 255 registers per thread (8 warps per SM), 2 caps them at 128 (16 warps
+// per SM, more latency hidden, a few spills outside the hidden-unit loop).  Which one is
+// faster depends on the card; the Python wrapper times both once (nowcast_cuda.py).
 #include <algorithm>
 
 #include "device.cuh"
@@ -103,7 +113,9 @@ __device__ void stage_weights(float* smem, const float* packed, int S) {
   for (int i = threadIdx.x; i < 2 * kStreamFragFloats; i += blockDim.x) {
     const int stream = i / kStreamFragFloats, r = i % kStreamFragFloats;
     const int e = r % kFrag;
-    const float v = fragment_value(packed, layout[stream], S - stream, r / kFrag, e >> 1, e & 1);
+    const int frag = r / kFrag;
+    const float v = fragment_value(packed, layout[stream], S - stream, frag, e >> 1, e & 1)
+                    * (frag >= kFragWc && frag < kFragW2 ? kLog2e : 1.0f);
     const std::uint32_t hi = to_tf32(v);
     big[i] = as_float(hi);
     if (kPrecise) small[i] = as_float(to_tf32(v - as_float(hi)));
@@ -117,7 +129,7 @@ __device__ void stage_weights(float* smem, const float* packed, int S) {
     if (r < kVecGb) v = packed[s.b1 + r];
     else if (r < kVecBb) v = packed[s.gb + r - kVecGb];
     else if (r < kVecBc) v = packed[s.bb + r - kVecBb];
-    else if (r < kVecB2) v = packed[s.bc + r - kVecBc];
+    else if (r < kVecB2) v = packed[s.bc + r - kVecBc] * kLog2e;
     else if (r < kVecWo) v = packed[s.b2 + r - kVecB2];
     else v = packed[wo + kOutHidden * stream + r - kVecWo];
     vec[i] = v;
@@ -143,7 +155,7 @@ __device__ __forceinline__ BFrag load_b(const float* big, const float* small, in
 
 // One stream for the warp's kSlabs slabs of 16 rows; adds each lane's share of the head's
 // dot product to head[slab][row half].
-template <bool kPrecise, int kExp>
+template <bool kPrecise>
 __device__ __forceinline__ void run_stream(const float* big, const float* small,
                                            const float* vec, const AFrag (&inp)[kSlabs],
                                            float (&head)[kSlabs][2], int lane) {
@@ -176,12 +188,12 @@ __device__ __forceinline__ void run_stream(const float* big, const float* small,
     }
   }
   // Hidden slices in pairs: the pair loop stays rolled (registers), the pair is unrolled
-  // so that kExpMixed knows each slice's exp flavour at compile time.
+  // (two independent slices in flight).
 #pragma unroll 1
   for (int jj = 0; jj < 8; jj += 2) {
 #pragma unroll
-    for (int odd = 0; odd < 2; ++odd) {
-      const int j = jj + odd;
+    for (int k = 0; k < 2; ++k) {
+      const int j = jj + k;
       const BFrag bw1 = load_b<kPrecise>(big, small, kFragW1 + j, lane);
       const BFrag bwb = load_b<kPrecise>(big, small, kFragWb + j, lane);
       const BFrag bwc = load_b<kPrecise>(big, small, kFragWc + j, lane);
@@ -199,7 +211,7 @@ __device__ __forceinline__ void run_stream(const float* big, const float* small,
         mma<kPrecise>(c, za[m], bwc);
         float prod[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) prod[i] = b[i] * exp_by_mode<kExp>(c[i] * h[i], odd);
+        for (int i = 0; i < 4; ++i) prod[i] = b[i] * exp2_sfu(c[i] * h[i]);
         const AFrag pa = split<kPrecise>(prod[0], prod[2], prod[1], prod[3]);
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
@@ -237,8 +249,8 @@ __device__ __forceinline__ float pick(const float (&w)[kMaxWindow], int idx) {
   return r;
 }
 
-template <bool kPrecise, int kExp>
-__global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
+template <bool kPrecise, int kWindow, int kBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kBlocks) nowcast_kernel(Params p) {
   KNOW_DYNAMIC_SHARED(smem);
   stage_weights<kPrecise>(smem, p.packed, p.S);
   const float* big = smem;
@@ -248,7 +260,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int S = p.S;
+  const int S = kWindow ? kWindow : p.S;
   const std::int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kWarps;
   for (std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -292,9 +304,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
             shift[m][hh] = 0.0f;
             scale[m][hh] = 1.0f;
           }
-          const float sh = shift[m][hh], sc = scale[m][hh];
+          // One division per row, then products: within an ulp of dividing each value.
+          const float sh = shift[m][hh], inv = 1.0f / scale[m][hh];
           // x_j for j = t, t+1, t+4, t+5 (0 past the window), from which d_t and d_{t+4}.
-          const auto x = [&](int j) { return j < S ? (pick(wr, j) - sh) / sc : 0.0f; };
+          const auto x = [&](int j) { return j < S ? (pick(wr, j) - sh) * inv : 0.0f; };
           const float x0 = x(t), x1 = x(t + 1), x4 = x(t + 4), x5 = x(t + 5);
           xv[hh][0] = x0;
           xv[hh][1] = x4;
@@ -307,8 +320,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
       }
 
       float head[kSlabs][2] = {};
-      run_stream<kPrecise, kExp>(big, small, vec, ax, head, lane);
-      run_stream<kPrecise, kExp>(big + kStreamFragFloats, small + kStreamFragFloats,
+      run_stream<kPrecise>(big, small, vec, ax, head, lane);
+      run_stream<kPrecise>(big + kStreamFragFloats, small + kStreamFragFloats,
                                  vec + kStreamVecFloats, ad, head, lane);
 
       const bool store = p.all_steps || step == p.steps - 1;
@@ -339,11 +352,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) nowcast_kernel(Params p) {
 
 using Kernel = void (*)(Params);
 
-template <bool kPrecise>
-Kernel pick_kernel(int exp_mode) {
-  if (exp_mode == kExpSfu) return nowcast_kernel<kPrecise, kExpSfu>;
-  if (exp_mode == kExpPoly) return nowcast_kernel<kPrecise, kExpPoly>;
-  return nowcast_kernel<kPrecise, kExpMixed>;
+template <bool kPrecise, int kBlocks>
+Kernel pick_window(int S) {
+  return S == 5 ? nowcast_kernel<kPrecise, 5, kBlocks> : nowcast_kernel<kPrecise, 0, kBlocks>;
+}
+
+Kernel pick_kernel(bool precise, int blocks_per_sm, int S) {
+  if (precise) return blocks_per_sm == 2 ? pick_window<true, 2>(S) : pick_window<true, 1>(S);
+  return blocks_per_sm == 2 ? pick_window<false, 2>(S) : pick_window<false, 1>(S);
 }
 
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -363,15 +379,15 @@ std::string nowcast(const NowcastArgs& a) {
       return "unknown dtype code " + std::to_string(dt);
     }
   }
-  if (a.exp_mode != kExpSfu && a.exp_mode != kExpPoly && a.exp_mode != kExpMixed) {
-    return "unknown exp_mode " + std::to_string(a.exp_mode);
+  if (a.blocks_per_sm != 1 && a.blocks_per_sm != 2) {
+    return "blocks_per_sm must be 1 or 2, got " + std::to_string(a.blocks_per_sm);
   }
   if (a.n == 0) return "";
   if (!a.rows || !a.packed || !a.out) return "null device pointer";
 
   cudaError_t err = cudaSetDevice(a.device);
   if (err != cudaSuccess) return cuda_error("cudaSetDevice", err);
-  const Kernel kernel = a.precise ? pick_kernel<true>(a.exp_mode) : pick_kernel<false>(a.exp_mode);
+  const Kernel kernel = pick_kernel(a.precise, a.blocks_per_sm, a.S);
   const std::size_t smem = sizeof(float) * smem_floats(a.precise);
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem));

@@ -10,10 +10,10 @@ namespace know::cuda {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// How the 128 exponentials per row are computed (see exp_* in device.cuh).
+// Ways of computing exp (see exp_* in device.cuh), compared by exp_throughput below:
 //   kExpSfu:   ex2.approx on the special-function units (16 per SM and clock).
 //   kExpPoly:  a degree-6 polynomial on the FMA pipes (about 10 FMA-pipe operations).
-//   kExpMixed: half of the hidden units each way, so both pipes share the load.
+//   kExpMixed: half of the work items each way, so both pipes share the load.
 enum ExpMode : int { kExpSfu = 0, kExpPoly = 1, kExpMixed = 2 };
 
 // Largest window the kernel keeps in registers; both streams then fit one k = 8 MMA step.
@@ -33,7 +33,8 @@ struct NowcastArgs {
   // true: 3xTF32 products (big*big + big*small + small*big), float32-level accuracy;
   // false: 1xTF32, operands rounded to 10 mantissa bits.
   bool precise = true;
-  int exp_mode = kExpMixed;
+  // Resident blocks per SM the kernel's registers are budgeted for: 1 or 2 (nowcast.cu).
+  int blocks_per_sm = 1;
   std::uintptr_t stream = 0;   // cudaStream_t of the caller (0: legacy default stream)
   int device = 0;
 };

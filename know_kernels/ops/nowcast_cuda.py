@@ -7,14 +7,18 @@ operand into two TF32 parts and sums three tensor-core products (3xTF32), which 
 the test suite's 1e-5 bound; ``"fast"`` uses one TF32 product (operands rounded to
 nearest at 10 mantissa bits: relative error 1e-6 to 6e-5 against float64 when the
 rounding is emulated on the CPU, ``bench/bench_nowcast_gpu.py --tf32-estimate``; the GPU
-tests allow 1e-3).  ``exp`` picks how the 128 exponentials per row are computed:
-``"sfu"`` (ex2.approx on the special-function units), ``"poly"`` (a degree-6 polynomial
-on the FMA pipes) or ``"mixed"`` (half each, default: the SFUs alone, 16 results per SM
-and clock, can bound the fast mode).  ``bench/bench_nowcast_gpu.py --exp`` measures them.
+tests allow 1e-3).
+
+``blocks_per_sm`` picks the kernel's register budget: 1 (up to 255 registers per thread,
+8 warps per SM) or 2 (128 registers, 16 warps per SM to hide latency, a few spills).  The
+same arithmetic runs either way, so the results are identical; only the speed differs, and
+by card.  Left as None, the first call on a device with at least ``TUNE_MIN_ROWS`` rows
+times both on its own rows (each run writes the same ``out``) and later calls reuse the
+faster; smaller calls before that, and calls during CUDA graph capture, use 1.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -29,7 +33,8 @@ except ImportError as exc:  # built without nvcc, or a broken build
     _IMPORT_ERROR = str(exc)
 
 MODES = ("precise", "fast")
-EXP_MODES = ("sfu", "poly", "mixed")
+BLOCKS_PER_SM = (1, 2)
+TUNE_MIN_ROWS = 1 << 20  # a launch on fewer rows is too short to time reliably
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MIN_CAPABILITY = (8, 0)  # mma.sync with TF32 operands
 
@@ -80,18 +85,57 @@ def check_tensors(rows: torch.Tensor, S: int, **others: torch.Tensor) -> None:
         raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
 
 
+# (device index, precise, S) -> the blocks_per_sm that timed faster there.
+_tuned: dict[tuple[int, bool, int], int] = {}
+
+
+def tuned() -> dict[tuple[int, bool, int], int]:
+    """The choices made so far, keyed by (device index, precise, S): for benchmarks."""
+    return dict(_tuned)
+
+
+def _cuda_ms(launch: Callable[[], None]) -> float:
+    """Best of two timed launches on the current stream, after one untimed."""
+    launch()
+    best = float("inf")
+    for _ in range(2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def choose_blocks_per_sm(key: tuple[int, bool, int], launch: Callable[[int], None],
+                         can_time: bool,
+                         timer: Callable[[Callable[[], None]], float] = _cuda_ms) -> int:
+    """The register budget for a call (module docstring): a cached choice, else a new one
+    timed with ``launch(blocks_per_sm)`` when the call ``can_time``, else 1."""
+    if key in _tuned:
+        return _tuned[key]
+    if not can_time:
+        return 1
+    times = {b: timer(lambda b=b: launch(b)) for b in BLOCKS_PER_SM}
+    _tuned[key] = min(BLOCKS_PER_SM, key=times.__getitem__)
+    return _tuned[key]
+
+
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int] = None, mode: str = "precise",
-        exp: str = "mixed") -> None:
+        blocks_per_sm: Optional[int] = None) -> None:
     """Backend entry point (see ``know_kernels.nowcast``); ``threads`` is a CPU-backend
-    notion and is ignored; ``mode`` and ``exp`` are described in the module docstring."""
+    notion and is ignored; ``mode`` and ``blocks_per_sm`` are described in the module
+    docstring."""
     del threads
     C = module()
     check_norm(norm)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if exp not in EXP_MODES:
-        raise ValueError(f"exp must be one of {EXP_MODES}, got {exp!r}")
+    if blocks_per_sm is not None and blocks_per_sm not in BLOCKS_PER_SM:
+        raise ValueError(f"blocks_per_sm must be one of {BLOCKS_PER_SM} or None, got "
+                         f"{blocks_per_sm!r}")
     check_tensors(rows, S, packed=packed, out=out)
     if out.dtype not in DTYPE_NAMES:
         raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
@@ -109,7 +153,16 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
     if not ok:
         raise RuntimeError(f"cuda backend cannot run on {rows.device}: {why}")
     codes = C.DTYPE_CODES
-    C.nowcast(rows.data_ptr(), codes[DTYPE_NAMES[rows.dtype]], packed.data_ptr(),
-              out.data_ptr(), codes[DTYPE_NAMES[out.dtype]], n, S, norm == "wnn", steps,
-              out.dim() == 2, mode == "precise", C.EXP_MODES[exp],
-              torch.cuda.current_stream(rows.device).cuda_stream, rows.device.index)
+
+    def launch(blocks: int) -> None:
+        C.nowcast(rows.data_ptr(), codes[DTYPE_NAMES[rows.dtype]], packed.data_ptr(),
+                  out.data_ptr(), codes[DTYPE_NAMES[out.dtype]], n, S, norm == "wnn", steps,
+                  out.dim() == 2, mode == "precise", blocks,
+                  torch.cuda.current_stream(rows.device).cuda_stream, rows.device.index)
+
+    with torch.cuda.device(rows.device):
+        if blocks_per_sm is None:
+            can_time = n >= TUNE_MIN_ROWS and not torch.cuda.is_current_stream_capturing()
+            blocks_per_sm = choose_blocks_per_sm((rows.device.index, mode == "precise", S),
+                                                 launch, can_time)
+        launch(blocks_per_sm)

@@ -260,18 +260,21 @@ def _mode_problem() -> str:
     return ""
 
 
-# (BLOCK_M, HCHUNK, num_warps, num_stages), picked with ptxas -v for sm_80 and sm_90:
-# these use 190-250 registers and at most a few tens of bytes of spills in some precisions;
-# BLOCK_M = 256, or 128 with 4 warps, spill hundreds of bytes.
+# (BLOCK_M, HCHUNK, num_warps, num_stages, maxnreg), picked with ptxas -v for sm_80 and
+# sm_90.  Uncapped (maxnreg None), these use 165-250 registers and at most a few tens of
+# bytes of spills in some precisions, which leaves room for 8 to 12 warps per SM; BLOCK_M
+# = 256, or 128 with 4 warps, spill hundreds of bytes.  The capped ones trade spills
+# (outside the hidden-unit loop) for 12 or 16 warps per SM, to hide more latency.
 AUTOTUNE_CONFIGS = (
-    (64, 16, 4, 1), (64, 32, 4, 1), (128, 16, 8, 1), (128, 32, 8, 1), (128, 16, 8, 2),
+    (64, 16, 4, 1, None), (64, 32, 4, 1, None), (128, 16, 8, 1, None), (128, 32, 8, 1, None),
+    (128, 16, 8, 2, None), (64, 16, 4, 1, 168), (64, 16, 4, 1, 128), (128, 16, 8, 1, 128),
 )
 
 
 def _autotune_configs():
     return [triton.Config({"BLOCK_M": block_m, "HCHUNK": chunk}, num_warps=warps,
-                          num_stages=stages)
-            for block_m, chunk, warps, stages in AUTOTUNE_CONFIGS]
+                          num_stages=stages, maxnreg=maxnreg)
+            for block_m, chunk, warps, stages, maxnreg in AUTOTUNE_CONFIGS]
 
 
 @functools.lru_cache(maxsize=None)
