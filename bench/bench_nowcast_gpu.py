@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from know_kernels import KNOWNHead  # noqa: E402
 from know_kernels.nowcast import backend_status  # noqa: E402
+from know_kernels.ops.nowcast_cuda import cuda_ms  # noqa: E402
 from know_kernels.packing import fold, pack  # noqa: E402
 from know_kernels.reference import nowcast_ref, normalise  # noqa: E402
 from provenance import commit  # noqa: E402
@@ -74,18 +75,6 @@ def trajectories(n: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:
                  + torch.randn(m, S - 1, generator=g, device="cuda") * 1e-3)
         rows[start:start + m] = torch.cat([w, w + steps.cumsum(1)], 1).to(dtype)
     return rows
-
-
-def cuda_ms(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        best = min(best, start.elapsed_time(stop))
-    return best
 
 
 def matmul_ceilings() -> dict:

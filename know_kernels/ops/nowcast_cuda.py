@@ -94,23 +94,29 @@ def tuned() -> dict[tuple[int, bool, int], int]:
     return dict(_tuned)
 
 
-def _cuda_ms(launch: Callable[[], None]) -> float:
-    """Best of two timed launches on the current stream, after one untimed."""
-    launch()
+def cuda_ms(fn: Callable[[], None], repeats: int) -> float:
+    """Best time of ``repeats`` calls of fn, in ms, by CUDA events on the current stream
+    (the benchmarks use it too)."""
     best = float("inf")
-    for _ in range(2):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        launch()
+        fn()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end))
     return best
 
 
+def _tuning_ms(launch: Callable[[], None]) -> float:
+    """Best of two timed launches, after one untimed."""
+    launch()
+    return cuda_ms(launch, 2)
+
+
 def choose_blocks_per_sm(key: tuple[int, bool, int], launch: Callable[[int], None],
                          can_time: bool,
-                         timer: Callable[[Callable[[], None]], float] = _cuda_ms) -> int:
+                         timer: Callable[[Callable[[], None]], float] = _tuning_ms) -> int:
     """The register budget for a call (module docstring): a cached choice, else a new one
     timed with ``launch(blocks_per_sm)`` when the call ``can_time``, else 1."""
     if key in _tuned:
