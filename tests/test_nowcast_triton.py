@@ -242,3 +242,10 @@ def test_every_autotune_config_compiles_for_sm90(compiler, config):
     maxnreg = config[4]
     assert (re.search(r"\.maxnreg\s+(\d+)", ptx) or [None, None])[1] == (
         None if maxnreg is None else str(maxnreg))
+
+
+def test_large_calls_share_one_autotuning():
+    # Powers of two up to 2^22 rows are tuned apart; beyond, one tuning serves all sizes.
+    assert [nt.autotune_bucket(n) for n in (1, 2, 3, 1023, 1024)] == [0, 1, 1, 9, 10]
+    assert nt.autotune_bucket(2 ** 22 - 1) == 21
+    assert {nt.autotune_bucket(n) for n in (2 ** 22, 11_200_000, 10 ** 9)} == {22}

@@ -25,7 +25,6 @@ the block size, chunk and warps are autotuned per power of two of N.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -33,9 +32,9 @@ from ..l1 import check_loss_space, check_run_args
 from ..packing import packed_offsets, packed_size
 from ..reference import check_norm
 from .nowcast_triton import PRECISIONS as _NOWCAST_PRECISIONS
-from .nowcast_triton import (_device, _pad_dim, available, bottleneck_tiles, check_rows,
-                             hidden_chunk, interpreting, stream_forward, stream_offsets,
-                             tanh_parts, triton, wnn_normalise)
+from .nowcast_triton import (_device, _pad_dim, autotune_bucket, available, bottleneck_tiles,
+                             check_rows, hidden_chunk, interpreting, stream_forward,
+                             stream_offsets, tanh_parts, triton, wnn_normalise)
 
 PRECISIONS = tuple(p for p in _NOWCAST_PRECISIONS if p != "bf16")
 
@@ -113,7 +112,7 @@ def _stream_backward(inp, z, dv, packed_ptr, grad_ptr, base, n, KP: tl.constexpr
 def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, normalised,
                S: tl.constexpr, KP: tl.constexpr, O_D: tl.constexpr, O_WO: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HCHUNK: tl.constexpr):
-    # n_bucket only keys the autotuner (one tuning per power of two of N).  O_D and O_WO
+    # n_bucket only keys the autotuner (autotune_bucket).  O_D and O_WO
     # are where stream d and wo start in the packed vector; bo ends it.  The norm and the
     # loss space are run-time flags (one branch per block): one compiled kernel serves all
     # four combinations.
@@ -236,7 +235,7 @@ def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: in
     offsets = packed_offsets(S)
     args = dict(S=S, KP=_pad_dim(S), O_D=offsets["d.w1"], O_WO=offsets["wo"],
                 PRECISION=input_precision)
-    flags = (max(0, int(math.log2(n))), int(norm == "wnn"), int(loss_space == "normalised"))
+    flags = (autotune_bucket(n), int(norm == "wnn"), int(loss_space == "normalised"))
     if interpreting():
         programs = min(INTERPRET_PROGRAMS, triton.cdiv(n, INTERPRET_BLOCK_M))
         part = torch.zeros(programs, size + 1, dtype=torch.float32, device=rows.device)

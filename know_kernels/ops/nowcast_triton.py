@@ -185,7 +185,7 @@ def _nowcast_kernel(rows_ptr, packed_ptr, out_ptr, N, steps, n_bucket,
                     S: tl.constexpr, KP: tl.constexpr, WNN: tl.constexpr,
                     ALL_STEPS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                     HCHUNK: tl.constexpr):
-    # n_bucket only keys the autotuner (one tuning per power of two of N).
+    # n_bucket only keys the autotuner (autotune_bucket).
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = row < N
     col = tl.arange(0, KP)[None, :]
@@ -308,6 +308,17 @@ def available(device: torch.device) -> tuple[bool, str]:
     return False, f"device type {device.type!r} is not supported by the triton backend"
 
 
+# Beyond 2^22 rows (tens of thousands of programs, hundreds of waves on any card) the best
+# configuration no longer depends on N, so larger calls share one tuning instead of
+# benchmarking every configuration again on 100M or 1B rows (a minute per precision).
+MAX_TUNED_BUCKET = 22
+
+
+def autotune_bucket(n: int) -> int:
+    """The autotuner's key for n rows (l1_triton shares it): log2(n), capped."""
+    return min(max(0, int(math.log2(n))), MAX_TUNED_BUCKET)
+
+
 def _pad_dim(S: int) -> int:
     return max(MIN_DOT, 1 << (S - 1).bit_length())
 
@@ -355,7 +366,7 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
     kernel = _kernel()
     args = dict(S=S, KP=_pad_dim(S), WNN=norm == "wnn", ALL_STEPS=all_steps,
                 PRECISION=input_precision)
-    n_bucket = max(0, int(math.log2(n)))
+    n_bucket = autotune_bucket(n)
     if interpreting():
         kernel[(triton.cdiv(n, INTERPRET_BLOCK_M),)](
             rows, packed, out, n, steps, n_bucket, BLOCK_M=INTERPRET_BLOCK_M,
