@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../packed_layout.h"
 #include "device.cuh"
@@ -18,10 +19,44 @@ constexpr float kWnnEps = 1e-8f + 1e-5f;
 using StreamLayout = PackedStreamT<int>;
 using HeadLayout = PackedHeadT<int>;
 
-__device__ __forceinline__ float load_value(const void* rows, int dtype, std::int64_t i) {
-  if (dtype == kBFloat16) return bfloat16_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
-  if (dtype == kFloat16) return half_to_float(__ldg(static_cast<const std::uint16_t*>(rows) + i));
-  return __ldg(static_cast<const float*>(rows) + i);
+// The windows of rows row[0 .. kRows-1] of an (n, S) array of snapshots of dtype kDtype,
+// as float32, 0 past S and for rows past n.  Every load is issued before any value is
+// converted: a conversion right after its own load would wait one memory round trip per
+// value instead of one for them all.
+template <int kDtype, int kRows>
+__device__ __forceinline__ void load_windows_as(const void* rows,
+                                                const std::int64_t (&row)[kRows],
+                                                std::int64_t n, int S,
+                                                float (&w)[kRows][kMaxWindow]) {
+  using Raw = std::conditional_t<kDtype == kFloat32, float, std::uint16_t>;
+  const Raw* src = static_cast<const Raw*>(rows);
+  Raw raw[kRows][kMaxWindow];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int j = 0; j < kMaxWindow; ++j) {
+      raw[r][j] = (row[r] < n && j < S) ? __ldg(src + row[r] * S + j) : Raw(0);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int j = 0; j < kMaxWindow; ++j) {
+      if constexpr (kDtype == kBFloat16) w[r][j] = bfloat16_to_float(raw[r][j]);
+      else if constexpr (kDtype == kFloat16) w[r][j] = half_to_float(raw[r][j]);
+      else w[r][j] = raw[r][j];
+    }
+  }
+}
+
+// load_windows_as for a dtype known at run time (one branch for all the rows).
+template <int kRows>
+__device__ __forceinline__ void load_windows(const void* rows, int dtype,
+                                             const std::int64_t (&row)[kRows], std::int64_t n,
+                                             int S, float (&w)[kRows][kMaxWindow]) {
+  if (dtype == kBFloat16) load_windows_as<kBFloat16>(rows, row, n, S, w);
+  else if (dtype == kFloat16) load_windows_as<kFloat16>(rows, row, n, S, w);
+  else load_windows_as<kFloat32>(rows, row, n, S, w);
 }
 
 // m16n8k8 operands (fragment layout: emulate.cuh), each as TF32 big and small parts.

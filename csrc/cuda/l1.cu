@@ -167,17 +167,21 @@ __device__ __forceinline__ void add_column_sums(float* acc, const float* m, int 
 __device__ void load_tile(const Smem& m, const Params& p, std::int64_t row0) {
   const int r = threadIdx.x;
   if (r < kTile) {
-    const std::int64_t row = row0 + r;
-    const bool ok = row < p.n;
-    float w[kMaxWindow];
-    for (int j = 0; j < p.S; ++j) w[j] = ok ? load_value(p.rows, p.rows_dtype, row * p.S + j) : 0.0f;
+    const std::int64_t row[1] = {row0 + r};
+    const bool ok = row[0] < p.n;
+    float window[1][kMaxWindow];
+    load_windows(p.rows, p.rows_dtype, row, p.n, p.S, window);
+    const float(&w)[kMaxWindow] = window[0];
     float shift = 0.0f, scale = 1.0f;
     if (p.wnn) {
       // x_0 = 0, so the range of x is that of the other values and 0.
       float lo = 0.0f, hi = 0.0f;
-      for (int j = 1; j < p.S; ++j) {
-        lo = fminf(lo, w[j] - w[0]);
-        hi = fmaxf(hi, w[j] - w[0]);
+#pragma unroll
+      for (int j = 1; j < kMaxWindow; ++j) {
+        if (j < p.S) {
+          lo = fminf(lo, w[j] - w[0]);
+          hi = fmaxf(hi, w[j] - w[0]);
+        }
       }
       shift = w[0];
       scale = 2.0f * ((hi - lo) + kWnnEps);
@@ -189,7 +193,7 @@ __device__ void load_tile(const Smem& m, const Params& p, std::int64_t row0) {
     m.row[kScale * kTile + r] = scale;
     m.row[kShift * kTile + r] = shift;
     m.row[kLast * kTile + r] = x[p.S - 1];
-    m.row[kTarget * kTile + r] = ok ? __ldg(p.target + row) : 0.0f;
+    m.row[kTarget * kTile + r] = ok ? __ldg(p.target + row[0]) : 0.0f;
   }
   __syncthreads();
 }

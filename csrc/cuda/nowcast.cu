@@ -265,21 +265,12 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocks) nowcast_kernel(Params p)
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kWarps;
   for (std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
        tile < tiles; tile += stride) {
-    // Rows g and g + 8 of each slab, and their windows.
-    std::int64_t row[kSlabs][2];
-    float w[kSlabs][2][kMaxWindow];
+    // Rows g and g + 8 of each slab (index 2 m + hh), and their windows.
+    std::int64_t row[2 * kSlabs];
+    float w[2 * kSlabs][kMaxWindow];
 #pragma unroll
-    for (int m = 0; m < kSlabs; ++m) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        row[m][hh] = tile * kTileRows + 16 * m + 8 * hh + g;
-        const bool ok = row[m][hh] < p.n;
-#pragma unroll
-        for (int j = 0; j < kMaxWindow; ++j) {
-          w[m][hh][j] = (ok && j < S) ? load_value(p.rows, p.rows_dtype, row[m][hh] * S + j) : 0.0f;
-        }
-      }
-    }
+    for (int r = 0; r < 2 * kSlabs; ++r) row[r] = tile * kTileRows + 8 * r + g;
+    load_windows(p.rows, p.rows_dtype, row, p.n, S, w);
     for (int step = 0; step < p.steps; ++step) {
       float scale[kSlabs][2], shift[kSlabs][2], last[kSlabs][2];
       AFrag ax[kSlabs], ad[kSlabs];
@@ -288,7 +279,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocks) nowcast_kernel(Params p)
         float xv[2][4], dv[2][4];  // per row half: x at k = t, t + 4 and d at k = t, t + 4
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const float(&wr)[kMaxWindow] = w[m][hh];
+          const float(&wr)[kMaxWindow] = w[2 * m + hh];
           float lo = 0.0f, hi = 0.0f;
           if (p.wnn) {
             shift[m][hh] = wr[0];
@@ -335,11 +326,11 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocks) nowcast_kernel(Params p)
           y += __shfl_xor_sync(0xffffffffu, y, 1);
           y += __shfl_xor_sync(0xffffffffu, y, 2);
           const float pred = (last[m][hh] + tanhf(y + bo)) * scale[m][hh] + shift[m][hh];
-          if (store && t == hh && row[m][hh] < p.n) {
-            const std::int64_t at = p.all_steps ? row[m][hh] * p.steps + step : row[m][hh];
-            store_value(p.out, p.out_dtype, at, pred);
+          const std::int64_t r = row[2 * m + hh];
+          if (store && t == hh && r < p.n) {
+            store_value(p.out, p.out_dtype, p.all_steps ? r * p.steps + step : r, pred);
           }
-          float(&wr)[kMaxWindow] = w[m][hh];
+          float(&wr)[kMaxWindow] = w[2 * m + hh];
 #pragma unroll
           for (int j = 0; j < kMaxWindow; ++j) {
             wr[j] = j < S - 1 ? (j + 1 < kMaxWindow ? wr[j + 1] : 0.0f) : (j == S - 1 ? pred : 0.0f);
