@@ -228,7 +228,7 @@ __device__ __forceinline__ void run_stream(const float* big, const float* small,
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float x = v[m][nt][i];
-        const float u = x >= 0.0f ? x : kLeakySlope * x;
+        const float u = fmaxf(x, kLeakySlope * x);  // LeakyReLU, slope < 1: two instructions
         head[m][i >> 1] = fmaf(u, (i & 1) ? wo1 : wo0, head[m][i >> 1]);
       }
     }
