@@ -37,9 +37,12 @@ TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
 TAIL=30 step l1bench 120 $PY bench/bench_l1_gpu.py
 step exp 80 $PY bench/bench_nowcast_gpu.py --exp
 # What bounds each path: one launch per path under Nsight Compute, where it can read the
-# counters (Firecracker machines; on gVisor ncu fails and the step says so).
+# counters (Firecracker machines; on gVisor ncu fails and the step says so).  The scheduler
+# and warp-state sections test what bench/sass_census.py infers: issue slots left idle,
+# and which stall (scoreboard waits on memory or on the MMA/SFU pipes) idles them.
 if command -v ncu > /dev/null; then
-  TAIL=120 step profile 150 ncu --profile-from-start off --clock-control none \
+  TAIL=160 step profile 150 ncu --profile-from-start off --clock-control none \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
-    --section LaunchStats $PY bench/bench_nowcast_gpu.py --once
+    --section LaunchStats --section SchedulerStats --section WarpStateStats \
+    $PY bench/bench_nowcast_gpu.py --once
 fi
