@@ -293,15 +293,17 @@ def test_register_budget_is_timed_once_per_key_and_reused(monkeypatch):
         return times[ran[-1]]
 
     key = (0, False, 5)
-    # Too small to time (or capturing a graph): the default, and nothing remembered.
-    assert nowcast_cuda.choose_blocks_per_sm(key, ran.append, False, timer) == 1
-    assert ran == [] and nowcast_cuda.tuned() == {}
-    assert nowcast_cuda.choose_blocks_per_sm(key, ran.append, True, timer) == 2
-    assert sorted(ran) == [1, 2] and nowcast_cuda.tuned() == {key: 2}
+    # Too small to time (or capturing a graph): one launch with the default, nothing kept.
+    nowcast_cuda.launch_tuned(key, ran.append, False, timer)
+    assert ran == [1] and nowcast_cuda.tuned() == {}
+    # Timed: each budget runs (and writes the output) once; no extra launch after.
+    nowcast_cuda.launch_tuned(key, ran.append, True, timer)
+    assert sorted(ran[1:]) == [1, 2] and nowcast_cuda.tuned() == {key: 2}
     times[1] = 1.0
-    assert nowcast_cuda.choose_blocks_per_sm(key, ran.append, True, timer) == 2
-    assert len(ran) == 2, "a cached choice must not be timed again"
-    assert nowcast_cuda.choose_blocks_per_sm((0, True, 5), ran.append, True, timer) == 1
+    nowcast_cuda.launch_tuned(key, ran.append, True, timer)
+    assert ran[3:] == [2], "a cached choice must be launched once, not timed again"
+    nowcast_cuda.launch_tuned((0, True, 5), ran.append, True, timer)
+    assert nowcast_cuda.tuned()[(0, True, 5)] == 1
 
 
 def test_run_refuses_unknown_register_budget():

@@ -59,9 +59,6 @@ __device__ __forceinline__ float exp2_sfu(float x) {
 #endif
 }
 
-// e^x on the special-function unit, after one multiplication by log2(e).
-__device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * kLog2e); }
-
 __device__ __forceinline__ float bfloat16_to_float(std::uint16_t b) {
   return __uint_as_float(static_cast<std::uint32_t>(b) << 16);
 }

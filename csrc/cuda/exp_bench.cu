@@ -10,6 +10,10 @@
 namespace know::cuda {
 namespace {
 
+// e^x on the special-function unit, as the nowcast kernel computes it (there the log2(e)
+// factor is folded into staged weights).
+__device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * kLog2e); }
+
 // exp on the FMA pipes: 2^y = 2^n * 2^f with n = rint(y), |f| <= 1/2, and 2^f from a
 // degree-6 polynomial (relative error below 1e-7 on [-1/2, 1/2], fitted for float32
 // evaluation).  y is clamped so that 2^n stays representable; the last doubling lets

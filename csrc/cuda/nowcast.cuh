@@ -10,7 +10,7 @@ namespace know::cuda {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Ways of computing exp (see exp_* in device.cuh), compared by exp_throughput below:
+// Ways of computing exp (exp_bench.cu), compared by exp_throughput below:
 //   kExpSfu:   ex2.approx on the special-function units (16 per SM and clock).
 //   kExpPoly:  a degree-6 polynomial on the FMA pipes (about 10 FMA-pipe operations).
 //   kExpMixed: half of the work items each way, so both pipes share the load.

@@ -20,7 +20,7 @@ Matrix products follow the inference kernel (``nowcast_triton.py``): tiles zero-
 1e-5 bound of the tests holds for it) except "bf16", an inference-speed mode whose
 rounding is not meant for gradients.  The interpreter (``TRITON_INTERPRET=1``, set before
 triton is imported) runs the kernel on CPU tensors with one fixed configuration; on a GPU
-the block size, chunk and warps are autotuned per power of two of N.
+the block size, chunk and warps are autotuned per power of two of N (``autotune_bucket``).
 """
 from __future__ import annotations
 
@@ -112,10 +112,10 @@ def _stream_backward(inp, z, dv, packed_ptr, grad_ptr, base, n, KP: tl.constexpr
 def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, normalised,
                S: tl.constexpr, KP: tl.constexpr, O_D: tl.constexpr, O_WO: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HCHUNK: tl.constexpr):
-    # n_bucket only keys the autotuner (autotune_bucket).  O_D and O_WO
-    # are where stream d and wo start in the packed vector; bo ends it.  The norm and the
-    # loss space are run-time flags (one branch per block): one compiled kernel serves all
-    # four combinations.
+    # n_bucket only keys the autotuner (autotune_bucket).  O_D and O_WO are where stream d
+    # and wo start in the packed vector; bo ends it.  The norm and the loss space are
+    # run-time flags (one branch per block): one compiled kernel serves all four
+    # combinations.
     P: tl.constexpr = O_WO + 2 * _OUT + 1
     pid = tl.program_id(0)
     grad_ptr = part_ptr + pid.to(tl.int64) * (P + 1)

@@ -13,8 +13,9 @@ tests allow 1e-3).
 8 warps per SM) or 2 (128 registers, 16 warps per SM to hide latency, a few spills).  The
 same arithmetic runs either way, so the results are identical; only the speed differs, and
 by card.  Left as None, the first call on a device with at least ``TUNE_MIN_ROWS`` rows
-times both on its own rows (each run writes the same ``out``) and later calls reuse the
-faster; smaller calls before that, and calls during CUDA graph capture, use 1.
+times both on its own rows (each run writes the same ``out``, which that call then
+returns) and later calls reuse the faster; smaller calls before that, and calls during
+CUDA graph capture, use 1.
 """
 from __future__ import annotations
 
@@ -114,18 +115,18 @@ def _tuning_ms(launch: Callable[[], None]) -> float:
     return cuda_ms(launch, 2)
 
 
-def choose_blocks_per_sm(key: tuple[int, bool, int], launch: Callable[[int], None],
-                         can_time: bool,
-                         timer: Callable[[Callable[[], None]], float] = _tuning_ms) -> int:
-    """The register budget for a call (module docstring): a cached choice, else a new one
-    timed with ``launch(blocks_per_sm)`` when the call ``can_time``, else 1."""
+def launch_tuned(key: tuple[int, bool, int], launch: Callable[[int], None], can_time: bool,
+                 timer: Callable[[Callable[[], None]], float] = _tuning_ms) -> None:
+    """``launch(blocks_per_sm)`` with the register budget for this call (module docstring):
+    a cached choice; else, when the call ``can_time``, every budget timed with ``launch``
+    (whose runs leave the output written) and the faster remembered; else 1."""
     if key in _tuned:
-        return _tuned[key]
-    if not can_time:
-        return 1
-    times = {b: timer(lambda b=b: launch(b)) for b in BLOCKS_PER_SM}
-    _tuned[key] = min(BLOCKS_PER_SM, key=times.__getitem__)
-    return _tuned[key]
+        launch(_tuned[key])
+    elif can_time:
+        times = {b: timer(lambda b=b: launch(b)) for b in BLOCKS_PER_SM}
+        _tuned[key] = min(BLOCKS_PER_SM, key=times.__getitem__)
+    else:
+        launch(1)
 
 
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
@@ -167,8 +168,8 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
                   torch.cuda.current_stream(rows.device).cuda_stream, rows.device.index)
 
     with torch.cuda.device(rows.device):
-        if blocks_per_sm is None:
+        if blocks_per_sm is not None:
+            launch(blocks_per_sm)
+        else:
             can_time = n >= TUNE_MIN_ROWS and not torch.cuda.is_current_stream_capturing()
-            blocks_per_sm = choose_blocks_per_sm((rows.device.index, mode == "precise", S),
-                                                 launch, can_time)
-        launch(blocks_per_sm)
+            launch_tuned((rows.device.index, mode == "precise", S), launch, can_time)

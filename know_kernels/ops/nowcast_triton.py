@@ -6,7 +6,8 @@ head, de-normalisation and, for ``steps > 1``, the window slide.  The head's fol
 weights (``packing.pack``) are read as zero-padded tiles whose every dimension is at least
 16 (what ``tl.dot`` accepts), the 64 hidden units ``HCHUNK`` at a time.  Inputs may be
 float32, bfloat16 or float16; all arithmetic is float32.  ``BLOCK_M``, ``HCHUNK``,
-``num_warps`` and ``num_stages`` are autotuned per power of two of N.
+``num_warps``, ``num_stages`` and a register cap are autotuned per power of two of N up to
+2^22 rows (``autotune_bucket``); larger calls share the 2^22 tuning.
 
 ``input_precision`` picks how ``tl.dot`` treats its float32 operands:
 
