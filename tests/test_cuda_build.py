@@ -167,8 +167,10 @@ def test_emulated_sizes(emulated, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_emulated_half_inputs(emulated, dtype):
-    assert _error(emulated, 97, dtype=dtype, norm="raw", steps=2, all_steps=True) <= PRECISE_TOL
+@pytest.mark.parametrize("S", [5, 6])  # the S = 5 copy and the one that reads S
+def test_emulated_half_inputs(emulated, dtype, S):
+    assert _error(emulated, 97, S=S, dtype=dtype, norm="raw", steps=2,
+                  all_steps=True) <= PRECISE_TOL
 
 
 @pytest.mark.parametrize("norm,steps,all_steps", [("wnn", 3, True), ("raw", 3, False),
