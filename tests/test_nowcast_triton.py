@@ -160,6 +160,23 @@ def test_available(interpreter, compiler):
         assert not outside["cuda"][0] and "CUDA" in outside["cuda"][1]
 
 
+def _run_refusal() -> str:
+    head = KNOWNHead(5, "wnn", seed=0)
+    packed = pack({k: v.detach() for k, v in head.params_dict().items()}, 5)
+    out = torch.full((3,), float("nan"))
+    try:
+        nt.run(torch.randn(3, 5), packed, S=5, norm="wnn", steps=1, out=out)
+    except RuntimeError as exc:
+        assert out.isnan().all(), "a refused call wrote its output"
+        return str(exc)
+    return "ran"
+
+
+def test_run_refuses_with_the_reason(compiler):
+    why = compiler(_run_refusal)
+    assert why.startswith("triton backend cannot run on cpu:") and "TRITON_INTERPRET" in why
+
+
 def test_interpret_flag_changed_after_import(monkeypatch):
     flip = "0" if nt.interpreting() else "1"
     monkeypatch.setenv("TRITON_INTERPRET", flip)

@@ -13,7 +13,7 @@ import torch
 
 from ..l1 import check_loss_space, check_run_args
 from ..reference import check_norm
-from . import nowcast_cuda
+from . import nowcast_cuda, require_runnable
 from .nowcast_cuda import DTYPE_NAMES, check_tensors, module
 
 
@@ -37,9 +37,7 @@ def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: in
     if n == 0:
         grad.zero_()
         return torch.zeros((), dtype=torch.float32, device=rows.device)
-    ok, why = available(rows.device)
-    if not ok:
-        raise RuntimeError(f"cuda backend cannot run on {rows.device}: {why}")
+    require_runnable("cuda", available, rows.device)
     device = rows.device.index
     floats = C.l1_workspace_floats(n, S, device)
     workspace = torch.empty(floats, dtype=torch.float32, device=rows.device)

@@ -31,6 +31,7 @@ import torch
 from ..l1 import check_loss_space, check_run_args
 from ..packing import packed_offsets, packed_size
 from ..reference import check_norm
+from . import require_runnable
 from .nowcast_triton import PRECISIONS as _NOWCAST_PRECISIONS
 from .nowcast_triton import (_device, _pad_dim, autotune_bucket, available, bottleneck_tiles,
                              check_rows, hidden_chunk, interpreting, stream_forward,
@@ -228,9 +229,7 @@ def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: in
     if n == 0:
         grad.zero_()
         return torch.zeros((), dtype=torch.float32, device=rows.device)
-    ok, why = available(rows.device)
-    if not ok:
-        raise RuntimeError(f"triton backend cannot run on {rows.device}: {why}")
+    require_runnable("triton", available, rows.device)
     kernel = _kernel()
     offsets = packed_offsets(S)
     args = dict(S=S, KP=_pad_dim(S), O_D=offsets["d.w1"], O_WO=offsets["wo"],

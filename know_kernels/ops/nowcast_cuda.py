@@ -25,6 +25,7 @@ import torch
 
 from ..packing import packed_size
 from ..reference import check_norm
+from . import require_runnable
 
 try:
     from .. import _cuda
@@ -156,9 +157,7 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
         raise ValueError(f"out must be ({n}, {steps}) or ({n},), got {tuple(out.shape)}")
     if n == 0:
         return
-    ok, why = available(rows.device)
-    if not ok:
-        raise RuntimeError(f"cuda backend cannot run on {rows.device}: {why}")
+    require_runnable("cuda", available, rows.device)
     codes = C.DTYPE_CODES
 
     def launch(blocks: int) -> None:

@@ -44,6 +44,7 @@ import torch
 
 from ..packing import packed_size
 from ..reference import BOTTLENECK, HIDDEN, LEAKY_SLOPE, OUT_HIDDEN, WNN_EPS, check_norm
+from . import require_runnable
 
 try:
     import triton
@@ -360,9 +361,7 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
         raise TypeError(f"out dtype must be one of {DTYPES}, got {out.dtype}")
     if n == 0:
         return
-    ok, why = available(rows.device)
-    if not ok:
-        raise RuntimeError(f"triton backend cannot run on {rows.device}: {why}")
+    require_runnable("triton", available, rows.device)
     all_steps = out.dim() == 2
     kernel = _kernel()
     args = dict(S=S, KP=_pad_dim(S), WNN=norm == "wnn", ALL_STEPS=all_steps,
