@@ -17,7 +17,8 @@ Reported per path: ms, rows/s, TFLOP/s counted two ways (the spec's nominal 17,6
 row and step, and the 14,736 FLOP of the folded form the kernels execute), and the
 executed rate as a fraction of a dense-matmul ceiling measured in the same run on the same
 card (torch.mm 8192^2: float32 without TF32 for the "ieee" path, bf16 for the bf16 path,
-TF32 for the others; the 3xTF32 paths issue three tensor-core products per useful one, so they top out near 1/3).
+TF32 for the others; the 3xTF32 paths issue three tensor-core products per useful one, so
+they top out near 1/3).
 Eager PyTorch is ``nowcast_ref`` in float32 on fewer rows, scaled per row.  Targets (H100):
 ResNet18-size step (11.2M rows) <= 2 ms, 1B rows <= 200 ms, >= 100x eager PyTorch.
 """

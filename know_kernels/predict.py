@@ -169,8 +169,8 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
     ``.safetensors``).  ``method`` is ``"known"`` (needs ``known``) or one of the baselines
     ``linear``, ``log``, ``exp``, ``taskvector`` (``lam`` is TaskVector's λ), which use the
     same routing.  ``precision`` is ``nowcast``'s (the GPU tensor-core modes "tf32" and
-    "bf16" trade accuracy for speed).  ``nonfinite="passthrough"`` keeps rows holding NaN/Inf at their Θ^0
-    value instead of refusing them.  ``progress`` is called with the number of rows done.
+    "bf16" trade accuracy for speed).  ``nonfinite="passthrough"`` keeps rows holding
+    NaN/Inf at their Θ^0 value instead of refusing them.  ``progress`` is called with the number of rows done.
     Everything is held in memory; ``know_kernels.streaming.predict_files`` streams files.
     """
     known = resolve_known(method, known)[0]

@@ -86,7 +86,8 @@ def test_cpu_backends_compute_in_float32_whatever_precision_allows(backend):
 
 
 def test_precision_is_passed_to_the_kernel(monkeypatch):
-    nowcast_module = importlib.import_module("know_kernels.nowcast")  # the package exports the function
+    # The package exports the function under the module's name.
+    nowcast_module = importlib.import_module("know_kernels.nowcast")
     seen = []
 
     class Fake:

@@ -9,7 +9,6 @@ test sends its case there and asserts on what comes back.
 import concurrent.futures
 import multiprocessing
 import os
-
 import re
 
 import pytest

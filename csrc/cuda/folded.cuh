@@ -1,7 +1,8 @@
 // What every KNOWN kernel of this directory shares: the layout of the folded, packed head
 // (../packed_layout.h, shared with the CPU kernels), the model's constants, reading a
-// snapshot of any input dtype, and 3xTF32 tensor-core products (each float32 operand split into a TF32 "big" part and a
-// TF32 "small" remainder; big*big + big*small + small*big keeps float32-level accuracy).
+// snapshot of any input dtype, and 3xTF32 tensor-core products (each float32 operand split
+// into a TF32 "big" part and a TF32 "small" remainder; big*big + big*small + small*big
+// keeps float32-level accuracy).
 #pragma once
 
 #include <cstdint>

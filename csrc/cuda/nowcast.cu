@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocks) nowcast_kernel(Params p)
       float head[kSlabs][2] = {};
       run_stream<kPrecise>(big, small, vec, ax, head, lane);
       run_stream<kPrecise>(big + kStreamFragFloats, small + kStreamFragFloats,
-                                 vec + kStreamVecFloats, ad, head, lane);
+                           vec + kStreamVecFloats, ad, head, lane);
 
       const bool store = p.all_steps || step == p.steps - 1;
 #pragma unroll

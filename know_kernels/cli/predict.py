@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="lowest precision of the GPU kernels' matrix products: float32 "
                         "(default, within 1e-5 of float64), or the faster tensor-core modes "
-                        "tf32 and bf16 (errors in bench/RESULTS.md); the CPU computes in float32"),
+                        "tf32 and bf16 (errors in bench/RESULTS.md); the CPU computes in float32")
     p.add_argument("--nonfinite", default="error", choices=NONFINITE,
                    help="rows with NaN/Inf: refuse (default) or keep them at Θ^0")
     p.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
