@@ -1,12 +1,18 @@
 """The KNOW pipeline end to end on small embedded data (``know demo``).
 
-1. Pretrain Θ^0, a small ResNet, on Fashion-MNIST's classes 0–4 (a random D^0).
-2. Progressive forgetting, r = 0.5, S = 5 snapshots: Θ^1 … Θ^4 on D^1 ⊃ … ⊃ D^4.
-3. Predict Θ̂^{-1}, Θ̂^{-2}, Θ̂^{-3} (×2, ×4, ×8) with KNOWN and every baseline.
-4. Fine-tune Θ^0, Θ^1 and every prediction on data-scarce downstream tasks over paired
-   seeds (:mod:`know_kernels.transfer`): scikit-learn's digits (resized to 28×28) and the
-   held-out Fashion-MNIST classes 5–9.
-5. Write results.json, results.md and results.png into the output directory, atomically.
+1. Pretrain Θ^0, a small ResNet, on Fashion-MNIST's classes 0–4 (a random D^0 of 2,000
+   images) **to convergence** (:class:`~know_kernels.forgetting.Convergence`, checked on
+   held-out source images).
+2. The yardstick: the same recipe, same initialisation, on nested D^{-1} ⊃ D^0 and
+   D^{-2} ⊃ D^{-1} with 2× and 4× the images (:mod:`know_kernels.more_data`).
+3. Progressive forgetting, r = 0.5, S = 5 snapshots: Θ^1 … Θ^4 on D^1 ⊃ … ⊃ D^4, each
+   stage with the budget of one pass over D^0, so the small subsets are over-fitted.
+4. Predict Θ̂^{-1}, Θ̂^{-2}, Θ̂^{-3} (×2, ×4, ×8) with KNOWN and every baseline.
+5. Linear probes (:mod:`know_kernels.probe`) of every starting point on two data-scarce
+   downstream tasks over paired seeds (:mod:`know_kernels.transfer`): scikit-learn's digits
+   (resized to 28×28) and the held-out Fashion-MNIST classes 5–9.
+6. Write results.json, results.md (opening with a verdict computed from the numbers) and
+   results.png into the output directory, atomically.
 
 Everything is seeded: the same configuration, seed and thread count give the same numbers.
 """
@@ -17,23 +23,28 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from .data import load_dataset
 from .fileio import PathLike, atomic_path
-from .forgetting import check_r, check_stages, derive_seed, progressive_forgetting
+from .forgetting import check_r, check_stages, derive_seed, evaluate, progressive_forgetting
 from .heads import KNOWN
+from .more_data import PretrainRecipe, more_data_candidates, nested_prefixes
 from .predict import group_by_head
+from .probe import LinearProbe
 from .routing import route_state
 from .store import _write_json
-from .transfer import (PAPER_ORDER, FineTune, check_input_shape, check_methods, check_seeds,
-                       format_table, know_candidates, plot_results, select_classes, transfer)
+from .transfer import (PAPER_ORDER, Candidate, FineTune, check_input_shape,
+                       check_methods, check_seeds, format_table, know_candidates,
+                       plot_results, select_classes, transfer)
+from .verdict import verdict
 from .zoo import build_model, count_parameters
 
-FORMAT = "know-kernels/demo/1"
+FORMAT = "know-kernels/demo/2"
 ARCH = "resnet"
 # Fashion-MNIST: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat | 5 Sandal, 6 Shirt,
 # 7 Sneaker, 8 Bag, 9 Ankle boot.  Θ^0 never sees the second half, which makes it a
@@ -42,29 +53,33 @@ SOURCE_CLASSES = (0, 1, 2, 3, 4)
 HELDOUT_CLASSES = (5, 6, 7, 8, 9)
 TASKS = ("digits", "fashion-heldout")
 OUTPUTS = ("results.json", "results.md", "results.png")
+ABLATION_S = (3, 4)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    seeds: int = 5                   # paired fine-tuning seeds per task
+    seeds: int = 20                  # paired downstream seeds per task
     tasks: tuple[str, ...] = TASKS
     methods: tuple[str, ...] = PAPER_ORDER
     seed: int = 0                    # D^0, Θ^0's init, the forgetting subsets and batches
     width: int = 16                  # ResNet base width (77k parameters at 16)
-    source_size: int = 10000         # |D^0|
+    source_size: int = 2000          # |D^0|
+    val_size: int = 1000             # held-out source images for the convergence check
     source_test_size: int = 2000
     heldout_test_size: int = 1000
-    pretrain_epochs: int = 3
-    pretrain_lr: float = 2e-3
-    pretrain_batch_size: int = 64
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    more_data: tuple[float, ...] = (2.0, 4.0)
     r: float = 0.5
     stages: int = 5                  # S snapshots Θ^0 … Θ^{S-1}
     steps: int = 3                   # predictions ×1/r … ×1/r^steps
-    forget_epochs: int = 1
+    stage_budget: float = 1.0        # samples per forgetting stage / |D^0|
     forget_lr: float = 1e-3
     forget_batch_size: int = 32
-    finetune: FineTune = field(default_factory=lambda: FineTune(shots=10, epochs=15,
-                                                                batch_size=25, lr=1e-3))
+    # The probe, not fine-tuning, on measurement: with 10 images per class, fine-tuning
+    # the whole network scored Θ^1 (half the data) above Θ^0 on the held-out classes, a
+    # task that cannot see knowledge (docs/demo.md); 20-shot probes see 2× more data.
+    protocol: Union[LinearProbe, FineTune] = field(default_factory=LinearProbe)
+    s_ablation: bool = False         # also KNOWN with S = 3 and 4 (the paper's Table 6)
 
     def check(self) -> "DemoConfig":
         check_seeds(self.seeds)
@@ -76,16 +91,19 @@ class DemoConfig:
             raise ValueError(f"tasks: unknown {unknown or 'empty list'}; choose from {TASKS}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.s_ablation and ("known" not in self.methods or self.stages < max(ABLATION_S)):
+            raise ValueError("the S ablation needs the KNOWN method and >= "
+                             f"{max(ABLATION_S)} stages")
         return self
 
 
 PRESETS = {
-    # 8-12 minutes on the project's shared 2-core machine (measured in docs/demo.md).
+    # 3-5 minutes on the project's 2-core machine (measured in docs/demo.md).
     "default": DemoConfig(),
-    # A smoke run (CI): every stage of the pipeline on a fraction of the data, ≈ 1 minute.
-    "quick": DemoConfig(seeds=2, source_size=1600, source_test_size=400, heldout_test_size=200,
-                        pretrain_epochs=2, forget_batch_size=16,
-                        finetune=FineTune(shots=5, epochs=4, batch_size=10, lr=1e-3)),
+    # A smoke run (CI): every stage of the pipeline on a fraction of the data, < 1 minute.
+    "quick": DemoConfig(seeds=5, source_size=500, val_size=300, source_test_size=400,
+                        heldout_test_size=200, pretrain=PretrainRecipe(samples=6000),
+                        forget_batch_size=16, protocol=LinearProbe(shots=10)),
 }
 
 
@@ -107,74 +125,135 @@ def load_tasks(config: DemoConfig, data_dir: Optional[PathLike]):
     return source, tasks
 
 
+def check_known(known: Optional[KNOWN], model, config: DemoConfig, source: str) -> None:
+    """Before any training: the KNOWN must have the heads and S the network needs."""
+    try:
+        group_by_head(route_state(model.state_dict()), "known", known, config.stages)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+
+
+def ablation_candidates(snapshots, config: DemoConfig, knowns: dict[int, KNOWN]):
+    """KNOWN with fewer snapshots (S = 3, 4: Θ^0 … Θ^{S-1}, the most-data end), as rows
+    ``known-S3``/``known-S4``."""
+    out = []
+    for S, known in knowns.items():
+        for c in know_candidates(snapshots[:S], r=config.r, methods=("known",),
+                                 steps=config.steps, known=known, forgotten=False)[1:]:
+            out.append(Candidate(f"known-S{S}", c.step, c.factor, c.weights))
+    return out
+
+
 def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = "KNOWN",
+             ablation: Optional[dict[int, KNOWN]] = None,
              data_dir: Optional[PathLike] = None, progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
-    """Run the pipeline; returns what results.json holds."""
+    """Run the pipeline; returns what results.json holds.  ``ablation``: the KNOWNs for
+    S = 3 and 4 when ``config.s_ablation`` (default: the shipped ones)."""
     config.check()
     methods = check_methods(config.methods)
     load_start = os.getloadavg()
     started = time.perf_counter()
     timing = {}
 
-    log("[1/4] loading Fashion-MNIST and the downstream tasks")
+    log("[1/5] loading Fashion-MNIST and the downstream tasks")
     source, tasks = load_tasks(config, data_dir)
     timing["data_s"] = time.perf_counter() - started
 
-    log(f"[2/4] pretraining Θ^0 ({ARCH}, width {config.width}) on {source.name}, then "
-        f"progressive forgetting (r = {config.r}, S = {config.stages})")
-    t = time.perf_counter()
-    torch.manual_seed(derive_seed(config.seed, 0))
-    model = build_model(ARCH, source.in_shape, source.num_classes, config.width)
-    if "known" in methods:
-        # Before any training: the KNOWN must have the heads and S the network needs.
-        try:
-            group_by_head(route_state(model.state_dict()), "known", known, config.stages)
-        except ValueError as exc:
-            raise ValueError(f"{known_source}: {exc}") from exc
-    d0 = np.random.default_rng(derive_seed(config.seed, 1)).choice(
-        len(source.train), size=min(config.source_size, len(source.train)), replace=False)
-    schedule = progressive_forgetting(
-        model, source.train, indices=np.sort(d0), r=config.r, stages=config.stages,
-        epochs_per_stage=config.forget_epochs, batch_size=config.forget_batch_size,
-        lr=config.forget_lr, seed=derive_seed(config.seed, 2),
-        pretrain_epochs=config.pretrain_epochs, pretrain_lr=config.pretrain_lr,
-        pretrain_batch_size=config.pretrain_batch_size, test_dataset=source.test,
-        progress=progress)
-    timing["forgetting_s"] = time.perf_counter() - t
-    log("      source test accuracy per stage (Θ^0 … Θ^{}): {}".format(
-        config.stages - 1, " ".join(f"{100 * a:.1f}" for a in schedule.test_acc)))
+    def model_fn(num_classes=source.num_classes):
+        return build_model(ARCH, source.in_shape, num_classes, config.width)
 
-    log(f"[3/4] predicting ×{1 / config.r:.3g} … ×{config.r ** -config.steps:.3g} with "
+    init_seed = derive_seed(config.seed, 0)
+    torch.manual_seed(init_seed)
+    model = model_fn()
+    if "known" in methods:
+        check_known(known, model, config, known_source)
+    if config.s_ablation:
+        ablation = ablation or {S: KNOWN.pretrained(S) for S in ABLATION_S}
+    # One seeded order of the source pool: D^0 and the more-data sets are its prefixes,
+    # the held-out images for the convergence check its tail.
+    order = torch.from_numpy(np.random.default_rng(derive_seed(config.seed, 1)).permutation(
+        len(source.train)))
+    needed = int(config.source_size * max((1.0,) + config.more_data)) + config.val_size
+    if needed > len(source.train):
+        raise ValueError(f"the source pool has {len(source.train)} images; D^0, the more-data "
+                         f"sets and the held-out images need {needed}")
+    sets = nested_prefixes(order[:len(order) - config.val_size], config.source_size,
+                           config.more_data)
+    x, y = source.train.tensors
+    held = order[len(order) - config.val_size:]
+    val = TensorDataset(x[held], y[held])
+    forget_seed = derive_seed(config.seed, 2)
+
+    log(f"[2/5] pretraining Θ^0 ({ARCH}, width {config.width}) on {len(sets[0])} images of "
+        f"{source.name} to convergence, then progressive forgetting (r = {config.r}, "
+        f"S = {config.stages})")
+    t = time.perf_counter()
+    recipe = config.pretrain
+    schedule = progressive_forgetting(
+        model, source.train, indices=sets[0], r=config.r, stages=config.stages,
+        stage_samples=round(config.stage_budget * config.source_size),
+        batch_size=config.forget_batch_size, lr=config.forget_lr, optimizer=recipe.optimizer,
+        seed=forget_seed, pretrain_epochs=recipe.epochs(config.source_size),
+        pretrain_lr=recipe.lr, pretrain_batch_size=recipe.batch_size, val_dataset=val,
+        convergence=recipe.convergence, test_dataset=source.test, progress=progress)
+    timing["forgetting_s"] = time.perf_counter() - t
+    pre = schedule.info["pretrain"]
+    log("      Θ^0: {} epochs, last-quarter gain {:+.2f} points, converged: {}; source test "
+        "accuracy per stage (Θ^0 … Θ^{}): {}".format(
+            pre["epochs"], pre["gain_last_quarter"], pre["converged"], config.stages - 1,
+            " ".join(f"{100 * a:.1f}" for a in schedule.test_acc)))
+
+    log(f"[3/5] the yardstick: the same recipe on {', '.join(str(len(s)) for s in sets[1:])} "
+        "images")
+    t = time.perf_counter()
+    more, more_records = more_data_candidates(
+        model_fn, source.train, sets, recipe, init_seed=init_seed,
+        order_seed=derive_seed(forget_seed, 1), val_dataset=val,
+        progress=lambda line: log("      " + line))
+    for c, rec in zip(more, more_records):
+        trained = model_fn()
+        trained.load_state_dict(c.weights)
+        rec["test_acc"] = 100 * evaluate(trained, source.test)
+    timing["more_data_s"] = time.perf_counter() - t
+
+    log(f"[4/5] predicting ×{1 / config.r:.3g} … ×{config.r ** -config.steps:.3g} with "
         f"{', '.join(methods)}")
     t = time.perf_counter()
     candidates = know_candidates(schedule.snapshots, r=config.r, methods=methods,
                                  steps=config.steps, known=known)
+    candidates[2:2] = more   # after naive ×1 and Θ^1
+    if config.s_ablation:
+        candidates += ablation_candidates(schedule.snapshots, config, ablation)
     timing["predict_s"] = time.perf_counter() - t
 
+    calibration = x[sets[0]] if isinstance(config.protocol, LinearProbe) else None
     results = {}
     for i, (name, task) in enumerate(tasks.items(), 1):
-        log(f"[4/4] task {i}/{len(tasks)}: fine-tuning {len(candidates)} starting points × "
+        log(f"[5/5] task {i}/{len(tasks)}: {len(candidates)} starting points × "
             f"{config.seeds} seeds on {name}")
         t = time.perf_counter()
-        result = transfer(candidates,
-                          lambda task=task: build_model(ARCH, source.in_shape, task.num_classes,
-                                                        config.width),
-                          task, in_shape=source.in_shape, seeds=config.seeds,
-                          recipe=config.finetune, progress=progress)
-        timing[f"finetune_{name}_s"] = time.perf_counter() - t
+        result = transfer(candidates, lambda task=task: model_fn(task.num_classes), task,
+                          in_shape=source.in_shape, seeds=config.seeds,
+                          recipe=config.protocol, calibration=calibration,
+                          progress=progress)
+        timing[f"transfer_{name}_s"] = time.perf_counter() - t
         results[name] = result.to_dict()
     timing["total_s"] = time.perf_counter() - started
 
-    return {
+    out = {
         "format": FORMAT,
         "config": {**asdict(config), "arch": ARCH, "source_classes": list(SOURCE_CLASSES),
-                   "heldout_classes": list(HELDOUT_CLASSES)},
+                   "heldout_classes": list(HELDOUT_CLASSES),
+                   "protocol_name": "linear-probe" if isinstance(config.protocol, LinearProbe)
+                   else "fine-tune"},
         "known": {"source": known_source, "provenance": known.provenance}
         if "known" in methods else None,
         "source": {"dataset": source.name, "num_params": count_parameters(model),
                    "subset_sizes": schedule.sizes,
                    "test_acc": [100 * a for a in schedule.test_acc],
+                   "forgot": schedule.test_acc[-1] < schedule.test_acc[0],
+                   "pretrain": pre, "more_data": more_records,
                    "stage_seconds": schedule.seconds},
         "tasks": results,
         "timing": timing,
@@ -182,15 +261,27 @@ def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = 
                     "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
                     "torch": torch.__version__, "python": platform.python_version()},
     }
+    out["verdict"] = verdict(out)
+    return out
 
 
 def format_markdown(results: dict) -> str:
     cfg, src = results["config"], results["source"]
-    lines = ["# KNOW demo", "",
+    pre = src["pretrain"]
+    more = "; ".join(f"×{m['factor']:.3g} ({m['images']} images): {m['epochs']} epochs, "
+                     f"converged {m['converged']}, source test accuracy {m['test_acc']:.1f} %"
+                     for m in src["more_data"])
+    lines = ["# KNOW demo", "", "**Verdict.** " + results["verdict"]["text"], "",
              f"Θ^0: {cfg['arch']} (width {cfg['width']}, {src['num_params']:,} parameters) "
-             f"pretrained on {src['dataset']}; progressive forgetting r = {cfg['r']}, "
-             f"S = {cfg['stages']} (subsets {src['subset_sizes']}); source test accuracy per "
-             f"stage: {', '.join(f'{a:.1f}' for a in src['test_acc'])} %.",
+             f"pretrained on {src['subset_sizes'][0]} images of {src['dataset']} for "
+             f"{pre['epochs']} epochs (last-quarter gain {pre['gain_last_quarter']:+.2f} "
+             f"points, converged: {pre['converged']}); progressive forgetting r = {cfg['r']}, "
+             f"S = {cfg['stages']} (subsets {src['subset_sizes']}, "
+             f"{round(cfg['stage_budget'] * src['subset_sizes'][0])} samples per stage); "
+             f"source test accuracy per stage: {', '.join(f'{a:.1f}' for a in src['test_acc'])} %"
+             f" (forgot: {src['forgot']}).",
+             f"More data, same recipe: {more}.",
+             f"Downstream protocol: {cfg['protocol_name']}.",
              f"KNOWN: {results['known']['source'] if results['known'] else 'not used'}.", ""]
     for name, res in results["tasks"].items():
         lines += [f"## {name}", "", format_table(res), ""]

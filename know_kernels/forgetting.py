@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -256,15 +257,27 @@ def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _train_stage(model, dataset, indices, *, stage, epochs, batch_size, optimizer, cosine,
-                 generator, device, bar) -> int:
-    steps_per_epoch = indices.numel() // batch_size
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+def _check_positive(name: str, value, integer: bool = False):
+    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if integer \
+        else isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, "
+                         f"got {value!r}")
+
+
+def _train_stage(model, dataset, indices, *, stage, steps, batch_size, optimizer, cosine,
+                 generator, device, bar, epoch_end=None) -> int:
+    """``steps`` optimizer steps on full batches of ``indices``, reshuffled at every pass (a
+    budget larger than one pass revisits the subset).  ``epoch_end()`` is called after each
+    complete pass.  Returns the number of samples seen."""
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
                  if cosine else None)
     model.train()
     step = 0
-    for _ in range(epochs):
+    while step < steps:
         for x, y in _batches(dataset, indices, batch_size, generator, device):
+            if step == steps:
+                break
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
@@ -275,24 +288,95 @@ def _train_stage(model, dataset, indices, *, stage, epochs, batch_size, optimize
                 scheduler.step()
             step += 1
             bar.update(1)
+        else:
+            if epoch_end is not None:
+                epoch_end()
+                model.train()
     return step * batch_size
 
 
-def _check_positive(name: str, value, integer: bool = False):
-    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if integer \
-        else isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value <= 0:
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, "
-                         f"got {value!r}")
+@dataclass(frozen=True)
+class Convergence:
+    """When Θ^0 counts as trained to convergence.
+
+    Θ^0 trains in cosine cycles that each end at a learning rate of 0; after every epoch
+    its accuracy on held-out source images (never part of D^0) is measured.  The criterion
+    holds when the last quarter of the epochs gained less than ``tol`` points of held-out
+    accuracy over the best epoch before it: a model that still improves while its learning
+    rate runs out was stopped too early.  Until it holds, another cycle of the same length
+    starts at half the previous peak rate, up to ``max_cycles`` cycles; the record says
+    whether it held in the end.
+    """
+    tol: float = 0.5          # accuracy points
+    max_cycles: int = 3
+
+    def __post_init__(self):
+        _check_positive("tol", self.tol)
+        _check_positive("max_cycles", self.max_cycles, integer=True)
+
+    def gain(self, history: Sequence[float]) -> float:
+        """Points gained by the last quarter of ``history`` (held-out accuracy per epoch, as
+        fractions) over the best epoch before it."""
+        if len(history) < 4:
+            raise ValueError(f"the criterion needs >= 4 epochs, got {len(history)}")
+        head = len(history) - len(history) // 4
+        return 100.0 * (max(history[head:]) - max(history[:head]))
+
+    def holds(self, history: Sequence[float]) -> bool:
+        return self.gain(history) < self.tol
+
+
+def pretrain(model: nn.Module, dataset: Dataset, indices: torch.Tensor, *, epochs: int,
+             lr: float, batch_size: int, optimizer: str = "adam", momentum: float = 0.9,
+             weight_decay: float = 0.0, generator: torch.Generator,
+             val_dataset: Optional[Dataset] = None,
+             convergence: Convergence = Convergence(), eval_batch_size: int = 1024,
+             bar=None) -> dict[str, Any]:
+    """Train ``model`` on ``indices`` in cosine cycles of ``epochs`` epochs (see
+    :class:`Convergence`; without ``val_dataset`` one cycle and no check).  Returns the
+    record kept in a run's metadata: samples, epochs, cycles, the held-out accuracy per
+    epoch, the last quarter's gain and whether the criterion held (None: not checked)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    device = trainable[0].device
+    history: list[float] = []
+    on_epoch = None if val_dataset is None else \
+        (lambda: history.append(evaluate(model, val_dataset, eval_batch_size)))
+    steps = epochs * (indices.numel() // batch_size)
+    samples = cycles = 0
+    peak = lr
+    while True:
+        opt = _make_optimizer(optimizer, trainable, peak, momentum, weight_decay)
+        samples += _train_stage(model, dataset, indices, stage=0, steps=steps,
+                                batch_size=batch_size, optimizer=opt, cosine=True,
+                                generator=generator, device=device,
+                                bar=_NoBar() if bar is None else bar, epoch_end=on_epoch)
+        cycles += 1
+        if val_dataset is None or convergence.holds(history) \
+                or cycles == convergence.max_cycles:
+            break
+        peak /= 2
+    return {"samples": samples, "epochs": epochs * cycles, "cycles": cycles,
+            "val_acc": history,
+            "gain_last_quarter": convergence.gain(history) if val_dataset is not None else None,
+            "tol": convergence.tol if val_dataset is not None else None,
+            "converged": convergence.holds(history) if val_dataset is not None else None}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stages: int = 7,
-                           epochs_per_stage: int = 1, batch_size: int = 64, lr: float = 1e-3,
+                           epochs_per_stage: int = 1, stage_samples: Optional[int] = None,
+                           batch_size: int = 64, lr: float = 1e-3,
                            optimizer: str = "adam", momentum: float = 0.9,
                            weight_decay: float = 0.0, seed: int = 0,
                            indices: Optional[Sequence[int]] = None,
                            pretrain_epochs: int = 0, pretrain_lr: Optional[float] = None,
                            pretrain_batch_size: Optional[int] = None,
+                           val_dataset: Optional[Dataset] = None,
+                           convergence: Convergence = Convergence(),
                            test_dataset: Optional[Dataset] = None,
                            eval_batch_size: int = 1024,
                            progress: bool = False) -> ForgettingSchedule:
@@ -300,11 +384,17 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
 
     ``dataset`` is a map-style dataset of (input, label) pairs (a ``TensorDataset`` takes a
     fast path); D^0 is ``indices`` (default: all of it).  With ``pretrain_epochs > 0``, Θ^0
-    is first trained on D^0 for that many epochs (optimizer ``optimizer`` at
-    ``pretrain_lr`` (default ``lr``), cosine-annealed to 0, batch ``pretrain_batch_size``
-    (default ``batch_size``)); otherwise the given model is Θ^0.  Each later stage i
-    fine-tunes Θ^{i-1} on D^i for ``epochs_per_stage`` epochs with a fresh optimizer at the
-    constant rate ``lr``.  Cross-entropy loss; every step sees a full batch.
+    is first trained on D^0 (:func:`pretrain`: optimizer ``optimizer`` at ``pretrain_lr``
+    (default ``lr``), cosine cycles of ``pretrain_epochs`` epochs, batch
+    ``pretrain_batch_size`` (default ``batch_size``)); given ``val_dataset`` (held-out source
+    images, outside D^0), until ``convergence`` holds, and the record of that check is kept
+    in ``schedule.info["pretrain"]``.  Otherwise the given model is Θ^0.
+
+    Each later stage i fine-tunes Θ^{i-1} on D^i with a fresh optimizer at the constant rate
+    ``lr``: for ``stage_samples`` samples when given (a budget that does not shrink with the
+    subset, so the small late subsets are revisited many times and over-fitted: the model
+    forgets what lies outside them), else for ``epochs_per_stage`` epochs of D^i.
+    Cross-entropy loss; every step sees a full batch.
 
     Returns the :class:`ForgettingSchedule` holding the subsets, the snapshots Θ^0..Θ^{S-1},
     the test accuracy after each stage (``test_dataset``, else None), seconds and samples
@@ -316,6 +406,11 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     for name, value in (("epochs_per_stage", epochs_per_stage), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)):
         _check_positive(name, value, integer=True)
+    if stage_samples is not None:
+        _check_positive("stage_samples", stage_samples, integer=True)
+        if stage_samples < batch_size:
+            raise ValueError(f"stage_samples={stage_samples} is less than one batch of "
+                             f"{batch_size}")
     _check_positive("lr", lr)
     if pretrain_lr is not None:
         _check_positive("pretrain_lr", pretrain_lr)
@@ -324,6 +419,9 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     if isinstance(pretrain_epochs, bool) or int(pretrain_epochs) != pretrain_epochs \
             or pretrain_epochs < 0:
         raise ValueError(f"pretrain_epochs must be an integer >= 0, got {pretrain_epochs!r}")
+    if val_dataset is not None and 0 < pretrain_epochs < 4:
+        raise ValueError(f"pretrain_epochs={pretrain_epochs}: the convergence check needs "
+                         f">= 4 epochs per cycle (it compares the last quarter with the rest)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters (all requires_grad=False)")
@@ -340,6 +438,7 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
         optimizer=optimizer, lr=float(lr), batch_size=int(batch_size),
         momentum=float(momentum) if optimizer == "sgd" else None,
         weight_decay=float(weight_decay), epochs_per_stage=int(epochs_per_stage),
+        stage_budget_samples=None if stage_samples is None else int(stage_samples),
         pretrain_epochs=int(pretrain_epochs),
         pretrain_lr=float(pretrain_lr or lr) if pretrain_epochs else None,
         pretrain_batch_size=int(pretrain_bs) if pretrain_epochs else None)
@@ -352,29 +451,31 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
             else None
 
     sizes = schedule.sizes
-    total_steps = (pretrain_epochs * (sizes[0] // pretrain_bs)
-                   + epochs_per_stage * sum(s // batch_size for s in sizes[1:]))
+    stage_steps = [stage_samples // batch_size if stage_samples is not None
+                   else epochs_per_stage * (n // batch_size) for n in sizes[1:]]
+    total_steps = pretrain_epochs * (sizes[0] // pretrain_bs) + sum(stage_steps)
     from tqdm.auto import tqdm
     with tqdm(total=total_steps, disable=not progress, leave=False, unit="step",
               desc="forgetting") as bar:
         seconds = samples = None
         if pretrain_epochs:
             started = time.perf_counter()
-            opt = _make_optimizer(optimizer, trainable, pretrain_lr or lr, momentum,
-                                  weight_decay)
-            samples = _train_stage(model, dataset, schedule.subset(0), stage=0,
-                                   epochs=pretrain_epochs, batch_size=pretrain_bs,
-                                   optimizer=opt, cosine=True, generator=generator,
-                                   device=device, bar=bar)
+            record = pretrain(model, dataset, schedule.subset(0), epochs=pretrain_epochs,
+                              lr=pretrain_lr or lr, batch_size=pretrain_bs,
+                              optimizer=optimizer, momentum=momentum,
+                              weight_decay=weight_decay, generator=generator,
+                              val_dataset=val_dataset, convergence=convergence,
+                              eval_batch_size=eval_batch_size, bar=bar)
+            samples = record["samples"]
+            schedule.info["pretrain"] = record
             seconds = time.perf_counter() - started
         schedule.record(0, model, test_acc=accuracy(), seconds=seconds, samples=samples)
-        for stage in range(1, schedule.stages):
+        for stage, steps in enumerate(stage_steps, 1):
             started = time.perf_counter()
             opt = _make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
             samples = _train_stage(model, dataset, schedule.subset(stage), stage=stage,
-                                   epochs=epochs_per_stage, batch_size=batch_size,
-                                   optimizer=opt, cosine=False, generator=generator,
-                                   device=device, bar=bar)
+                                   steps=steps, batch_size=batch_size, optimizer=opt,
+                                   cosine=False, generator=generator, device=device, bar=bar)
             seconds = time.perf_counter() - started
             bar.set_postfix(stage=stage)
             schedule.record(stage, model, test_acc=accuracy(), seconds=seconds,

@@ -23,7 +23,19 @@ from .routing import HEADS
 
 FORMAT = "know-kernels/1"
 # The weights shipped with the package (see MODEL_CARD.md for how they were made).
-PRETRAINED = Path(__file__).resolve().parent / "weights" / "known_default.safetensors"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PRETRAINED_S = (3, 4, 5)
+
+
+def pretrained_path(S: int = 5) -> Path:
+    """Where the shipped KNOWN for windows of ``S`` snapshots lives."""
+    if isinstance(S, bool) or S not in PRETRAINED_S:
+        raise ValueError(f"the package ships KNOWN for S in {PRETRAINED_S}, got S={S!r}; "
+                         f"meta-train your own with `know meta-train --S {S}`")
+    return WEIGHTS_DIR / f"known_S{S}.safetensors"
+
+
+PRETRAINED = pretrained_path(5)
 
 
 def _variance_scaling_uniform(t: torch.Tensor, scale: float, generator) -> None:
@@ -190,12 +202,14 @@ class KNOWN(nn.Module):
         return cls(heads, provenance=meta.get("provenance"))
 
     @classmethod
-    def pretrained(cls) -> "KNOWN":
-        """The KNOWN shipped inside the package, meta-trained by this project (MODEL_CARD.md)."""
-        if not PRETRAINED.is_file():
-            raise FileNotFoundError(f"the shipped KNOWN weights are missing ({PRETRAINED}); "
+    def pretrained(cls, S: int = 5) -> "KNOWN":
+        """The KNOWN shipped inside the package for windows of ``S`` snapshots (3, 4 or 5;
+        the paper's setting, 5, by default), meta-trained by this project (MODEL_CARD.md)."""
+        path = pretrained_path(S)
+        if not path.is_file():
+            raise FileNotFoundError(f"the shipped KNOWN weights are missing ({path}); "
                                     f"reinstall know-kernels, or pass a KNOWN file explicitly")
-        return cls.load(PRETRAINED)
+        return cls.load(path)
 
     @classmethod
     def from_keras_h5(cls, conv: Optional[PathLike] = None, fc: Optional[PathLike] = None,

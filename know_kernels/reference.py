@@ -1,6 +1,6 @@
 """KNOWN in plain PyTorch: the ground truth every kernel is tested against.
 
-Everything here works in float32 and float64 and follows ``shared/design/KNOWN.md``
+Everything here works in float32 and float64 and follows ``docs/spec.md`` (§3–4)
 literally (two streams, learned exp activation, LeakyReLU 0.3, tanh head), without any of
 the algebraic folding the fused kernels use.  Rows are in time order (oldest first); the
 prediction is the next value.

@@ -359,10 +359,14 @@ class MetaDataset:
 
     def summary(self) -> dict[str, Any]:
         """Forgetting at a glance: per finished run the test accuracy per stage, how many
-        runs lost accuracy from stage 0 to the last stage, rows per head, failures."""
-        per_run, fell, drops = [], 0, []
+        runs lost accuracy from stage 0 to the last stage, how many Θ^0 met the convergence
+        criterion (of those checked), rows per head, failures."""
+        per_run, fell, drops, converged = [], 0, [], []
         for run_id, entry in self.runs().items():
             meta = entry["meta"]
+            check = (meta.get("pretrain") or {}).get("converged")
+            if check is not None:
+                converged.append(bool(check))
             acc = meta.get("test_acc") or []
             known = [a for a in acc if a is not None]
             drop = known[0] - known[-1] if len(known) >= 2 else None
@@ -371,12 +375,13 @@ class MetaDataset:
                 fell += drop > 0
             per_run.append({"run": run_id, "arch": meta.get("arch"),
                             "dataset": meta.get("dataset"), "r": meta.get("r"),
-                            "test_acc": acc, "drop": drop,
+                            "test_acc": acc, "drop": drop, "converged": check,
                             "time_ratio": (meta.get("time") or {}).get("measured_ratio"),
                             "paper_ratio": (meta.get("time") or {}).get("paper_ratio")})
         failed = {k: v["error"] for k, v in self.runs("failed").items()}
         return {"runs": len(per_run), "failed": failed, "with_accuracy": len(drops),
                 "fell": fell, "mean_drop": float(np.mean(drops)) if drops else None,
+                "convergence_checked": len(converged), "converged": sum(converged),
                 "rows": {h: self.num_rows(h) for h in HEADS}, "per_run": per_run,
                 "archs": sorted({p["arch"] for p in per_run if p["arch"]}),
                 "datasets": sorted({p["dataset"] for p in per_run if p["dataset"]})}

@@ -33,17 +33,21 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .backbone import classifier_keys, load_backbone
 from .baselines import DEFAULT_LAMBDA
 from .data import DataSplit
 from .forgetting import (OPTIMIZERS, NonFiniteLossError, _check_positive, _make_optimizer,
-                         _train_stage, check_r, derive_seed, evaluate)
+                         _NoBar, _train_stage, check_r, derive_seed, evaluate)
 from .fileio import PathLike, atomic_path
 from .heads import KNOWN
 from .predict import METHODS, Checkpoint, load_checkpoints, predict
+from .probe import LinearProbe, candidate_features, fit_probe
 
 NAIVE = "naive"
-DISPLAY = {NAIVE: "Naive transfer", "known": "KNOWN", "taskvector": "TaskVector",
-           "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit"}
+MORE_DATA = "more-data"
+DISPLAY = {NAIVE: "Naive transfer", MORE_DATA: "More data (real)", "known": "KNOWN",
+           "known-S3": "KNOWN (S = 3)", "known-S4": "KNOWN (S = 4)",
+           "taskvector": "TaskVector", "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit"}
 # The paper's Table 1 order.
 PAPER_ORDER = ("known", "taskvector", "linear", "log", "exp")
 MIN_SEEDS = 2
@@ -200,12 +204,11 @@ class SeedPlan:
     torch_seed: int                 # torch's global stream while fine-tuning
 
 
-def _classifier_keys(state: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
-    return [k for k in state if k == prefix or k.startswith(prefix + ".")]
+Recipe = Union[FineTune, LinearProbe]
 
 
 def plan_seed(seed: int, task: DataSplit, model_fn: Callable[[], nn.Module],
-              recipe: FineTune) -> SeedPlan:
+              recipe: Recipe) -> SeedPlan:
     labels = task.train.tensors[1].cpu().numpy()
     if recipe.shots is None:
         indices = np.arange(len(labels))
@@ -219,37 +222,19 @@ def plan_seed(seed: int, task: DataSplit, model_fn: Callable[[], nn.Module],
                                  f"{len(pool)} training images")
             picks.append(rng.choice(pool, recipe.shots, replace=False))
         indices = np.sort(np.concatenate(picks))
-    if len(indices) < recipe.batch_size:
+    if isinstance(recipe, FineTune) and len(indices) < recipe.batch_size:
         raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(indices)} training "
                          f"images of {task.name!r} per seed; lower it or raise shots")
     # fork_rng: seeding here must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 1))
         state = model_fn().state_dict()
-    keys = _classifier_keys(state, recipe.classifier)
+    keys = classifier_keys(state, recipe.classifier)
     if not keys:
         raise ValueError(f"classifier={recipe.classifier!r} names no entry of the network's "
                          f"state dict (it has {list(state)[:4]} … {list(state)[-2:]})")
     return SeedPlan(seed, torch.from_numpy(indices), {k: state[k] for k in keys},
                     derive_seed(seed, 2), derive_seed(seed, 3))
-
-
-def load_backbone(model: nn.Module, weights: Mapping[str, torch.Tensor],
-                  head: Mapping[str, torch.Tensor], classifier: str) -> None:
-    """Load every entry of ``weights`` but the classifier, and ``head`` as the classifier;
-    any other missing, extra or misshapen entry is an error naming it."""
-    own = model.state_dict()
-    backbone = {k: v for k, v in weights.items() if k not in _classifier_keys(weights, classifier)}
-    missing = [k for k in own if k not in head and k not in backbone]
-    extra = [k for k in backbone if k not in own]
-    if missing or extra:
-        raise ValueError(f"the weights do not fit the network: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]} (classifier={classifier!r} is replaced)")
-    for k, v in backbone.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"parameter {k!r}: the weights have shape {tuple(v.shape)}, the "
-                             f"network {tuple(own[k].shape)}")
-    model.load_state_dict({**backbone, **head})
 
 
 def fine_tune(weights: Mapping[str, torch.Tensor], model_fn: Callable[[], nn.Module],
@@ -267,18 +252,14 @@ def fine_tune(weights: Mapping[str, torch.Tensor], model_fn: Callable[[], nn.Mod
         optimizer = _make_optimizer(recipe.optimizer, model.parameters(), recipe.lr,
                                     recipe.momentum, recipe.weight_decay)
         try:
-            _train_stage(model, task.train, plan.indices, stage=0, epochs=recipe.epochs,
+            _train_stage(model, task.train, plan.indices, stage=0,
+                         steps=recipe.epochs * (plan.indices.numel() // recipe.batch_size),
                          batch_size=recipe.batch_size, optimizer=optimizer, cosine=True,
                          generator=torch.Generator().manual_seed(plan.order_seed),
                          device=torch.device(device), bar=_NoBar() if bar is None else bar)
         except NonFiniteLossError as exc:
             diverged = exc.step
     return 100.0 * evaluate(model, task.test), diverged
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------ results
@@ -343,28 +324,63 @@ class TransferResult:
     test_images: int
     seeds: tuple[int, ...]
     rows: tuple[Row, ...]
-    recipe: FineTune
+    recipe: Recipe
 
     def to_dict(self) -> dict:
         return {"task": self.task, "num_classes": self.num_classes,
                 "train_images_per_seed": self.train_images, "test_images": self.test_images,
                 "seeds": list(self.seeds), "baseline": Entry(NAIVE, 0, 1.0).name,
-                "recipe": asdict(self.recipe),
+                "protocol": "linear-probe" if isinstance(self.recipe, LinearProbe)
+                else "fine-tune", "recipe": asdict(self.recipe),
                 "rows": [row.summary() for row in self.rows]}
+
+
+def _probe_accuracies(candidates, model_fn, task, plans, recipe: LinearProbe, calibration,
+                      device, bar) -> list[list[float]]:
+    """Per candidate, per seed: test accuracy (%) of a linear probe (features once per
+    candidate, one regression per seed)."""
+    train_x, train_y = task.train.tensors
+    test_x, test_y = task.test.tensors
+    # Only the images some seed trains on need features.
+    used = torch.unique(torch.cat([p.indices for p in plans]))
+    position = torch.full((len(train_y),), -1, dtype=torch.int64)
+    position[used] = torch.arange(used.numel())
+    out = []
+    for c in candidates:
+        f = candidate_features(c.weights, model_fn, plans[0].head,
+                               torch.cat([train_x[used], test_x]), recipe, calibration, device)
+        f_train, f_test = f[:used.numel()], f[used.numel():]
+        row = []
+        for plan in plans:
+            rows = position[plan.indices]
+            classify = fit_probe(f_train[rows], train_y[plan.indices], task.num_classes, recipe)
+            row.append(100.0 * float((classify(f_test) == test_y).double().mean()))
+            bar.update(1)
+        out.append(row)
+    return out
 
 
 def transfer(candidates: Sequence[Candidate], model_fn: Callable[[], nn.Module],
              task: DataSplit, *, in_shape: Sequence[int], seeds: Union[int, Sequence[int]] = 5,
-             recipe: FineTune = FineTune(), device="cpu", progress: bool = False) -> TransferResult:
-    """Fine-tune every candidate on ``task`` with every seed (paired, see the module doc).
+             recipe: Recipe = FineTune(), calibration: Optional[torch.Tensor] = None,
+             device="cpu", progress: bool = False) -> TransferResult:
+    """Fine-tune (:class:`FineTune`) or linearly probe (:class:`~know_kernels.probe.LinearProbe`)
+    every candidate on ``task`` with every seed (paired, see the module doc).
 
     ``model_fn()`` builds the downstream network (``task.num_classes`` outputs) whose
     classifier ``recipe.classifier`` is replaced; ``in_shape`` is the (C, H, W) the weights
     were trained on.  Exactly one candidate must be naive transfer (method "naive",
-    step 0): the paired differences are taken against it.
+    step 0): the paired differences are taken against it.  ``calibration``: source images
+    on which a probe re-estimates every candidate's BatchNorm statistics first.
     """
     check_input_shape(in_shape, task)
     seeds = check_seeds(seeds)
+    if not isinstance(recipe, (FineTune, LinearProbe)):
+        raise TypeError(f"recipe must be a FineTune or a LinearProbe, got "
+                        f"{type(recipe).__name__}")
+    if calibration is not None and not isinstance(recipe, LinearProbe):
+        raise ValueError("calibration images are used by a LinearProbe only; fine-tuning "
+                         "re-estimates BatchNorm statistics as it trains")
     keys = [(c.method, c.step) for c in candidates]
     if len(set(keys)) != len(keys):
         raise ValueError(f"candidates repeat a (method, step): {keys}")
@@ -372,20 +388,28 @@ def transfer(candidates: Sequence[Candidate], model_fn: Callable[[], nn.Module],
         raise ValueError("exactly one candidate must be naive transfer (method 'naive', "
                          "step 0: Θ^0)")
     plans = [plan_seed(s, task, model_fn, recipe) for s in seeds]
-    steps_per_run = recipe.epochs * (plans[0].indices.numel() // recipe.batch_size)
+    probing = isinstance(recipe, LinearProbe)
+    steps_per_run = 1 if probing else \
+        recipe.epochs * (plans[0].indices.numel() // recipe.batch_size)
     acc = {k: [] for k in keys}
     diverged = {k: [] for k in keys}
     from tqdm.auto import tqdm
     with tqdm(total=len(seeds) * len(candidates) * steps_per_run, disable=not progress,
-              desc=f"fine-tune {task.name}", unit="step", leave=False) as bar:
-        for plan in plans:
-            for c, key in zip(candidates, keys):
-                bar.set_postfix_str(f"seed {plan.seed}, {c.name}")
-                value, step = fine_tune(c.weights, model_fn, task, plan, recipe,
-                                        device=device, bar=bar)
-                acc[key].append(value)
-                if step is not None:
-                    diverged[key].append(plan.seed)
+              desc=f"{'probe' if probing else 'fine-tune'} {task.name}", unit="step",
+              leave=False) as bar:
+        if probing:
+            for key, values in zip(keys, _probe_accuracies(candidates, model_fn, task, plans,
+                                                           recipe, calibration, device, bar)):
+                acc[key] = values
+        else:
+            for plan in plans:
+                for c, key in zip(candidates, keys):
+                    bar.set_postfix_str(f"seed {plan.seed}, {c.name}")
+                    value, step = fine_tune(c.weights, model_fn, task, plan, recipe,
+                                            device=device, bar=bar)
+                    acc[key].append(value)
+                    if step is not None:
+                        diverged[key].append(plan.seed)
     base = tuple(acc[(NAIVE, 0)])
     rows = tuple(Row(c.method, c.step, c.factor, tuple(acc[k]), base, tuple(diverged[k]))
                  for c, k in zip(candidates, keys))

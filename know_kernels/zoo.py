@@ -1,8 +1,9 @@
 """Small image classifiers for collecting forgetting trajectories, in plain PyTorch.
 
 Like the paper's collection zoo: a plain CNN and ResNet-, DenseNet-, ShuffleNetV2- and
-MobileNetV2-style networks, plus an MLP, each well under 3M parameters for 28x28x1 and
-32x32x3 inputs.  ``width`` scales every channel count (the base width of the first stage);
+MobileNetV2-style networks, an MLP and a small vision transformer (the paper shows KNOWN
+carrying over to transformers), each well under 3M parameters at the default widths for
+28x28x1 and 32x32x3 inputs.  ``width`` scales every channel count (the base width of the first stage);
 the defaults are small so a trajectory can be collected in about a minute on two CPU cores.
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-ARCHITECTURES = ("cnn", "resnet", "densenet", "shufflenet", "mobilenetv2", "mlp")
+ARCHITECTURES = ("cnn", "resnet", "densenet", "shufflenet", "mobilenetv2", "mlp", "vit")
 DEFAULT_WIDTH = {"cnn": 16, "resnet": 16, "densenet": 8, "shufflenet": 16,
-                 "mobilenetv2": 16, "mlp": 64}
+                 "mobilenetv2": 16, "mlp": 64, "vit": 32}
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
@@ -204,9 +205,67 @@ def mlp(in_shape, num_classes: int, width: int):
                          nn.Linear(4 * width, num_classes))
 
 
+# ----------------------------------------------------------------------- vision transformer
+
+class Attention(nn.Module):
+    """Multi-head self-attention from plain linear layers, so that its weights route like any
+    other layer's (``qkv``/``proj`` 2-D weights to the fc head, their biases to the bias
+    head); ``nn.MultiheadAttention`` would hide them in one packed parameter."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)) with a 2x hidden layer."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small vision transformer: non-overlapping patches embedded by a strided conv (a
+    4x4 grid of patches: 7x7 pixels at 28x28, 2x2 at 8x8), a learned 2-D position table,
+    two pre-norm transformer blocks of ``width`` channels (a multiple of 4, 4 heads), a
+    final LayerNorm, mean pooling over tokens and a linear classifier."""
+
+    def __init__(self, in_shape, num_classes: int, width: int, depth: int = 2):
+        super().__init__()
+        c, h, w = in_shape
+        width += -width % 4
+        patch = (max(1, h // 4), max(1, w // 4))
+        self.patch_embed = nn.Conv2d(c, width, patch, stride=patch)
+        tokens = (h // patch[0]) * (w // patch[1])
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(tokens, width))
+        self.blocks = nn.Sequential(*(TransformerBlock(width, 4) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.fc(self.norm(self.blocks(x)).mean(1))
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": PlainCNN, "resnet": resnet, "densenet": densenet, "shufflenet": shufflenet,
-    "mobilenetv2": mobilenetv2, "mlp": mlp,
+    "mobilenetv2": mobilenetv2, "mlp": mlp, "vit": ViT,
 }
 
 

@@ -6,8 +6,12 @@ practice a GPU:
 
     python python/cifar_resnet18_transfer.py --data-dir DIR --known known.safetensors
 
-1. Θ^0: ResNet18 trained on CIFAR-100's 50,000 training images (D^0), SGD, cosine schedule.
-2. Progressive forgetting, r = 0.5, S = 5: Θ^1 … Θ^4 fine-tuned on 25,000 … 3,125 images.
+1. Θ^0: ResNet18 trained on CIFAR-100's training images less 5,000 held out (D^0 = 45,000),
+   SGD, cosine cycles until the held-out accuracy stops improving (the convergence
+   criterion of know_kernels.forgetting.Convergence, recorded in results.json).
+2. Progressive forgetting, r = 0.5, S = 5: Θ^1 … Θ^4 fine-tuned on 22,500 … 2,812 images,
+   each stage for the same budget (--stage-budget × |D^0| samples), so the small subsets
+   are revisited and over-fitted: the model forgets.
 3. KNOW ×2, ×4, ×8 with KNOWN and the baselines (TaskVector, LinearFit, LogFit, ExpFit).
 4. Every starting point (Θ^0 = naive transfer, Θ^1, the predictions) gets a 10-class
    classifier and is fine-tuned on CIFAR-10 with the same recipe and the same paired seeds;
@@ -20,7 +24,8 @@ usual stride-1 CIFAR stem, and a little less accurate.  Training batches get ran
 crops and horizontal flips on the device.  The snapshots Θ^0 … Θ^4 are saved in --out as
 theta{i}.safetensors (inputs for `know predict`), with results.json/.md/.png.
 
-Cost at the defaults: about 50 + 30 epochs of CIFAR for steps 1-2, then 17 starting points ×
+Cost at the defaults: about 50 (or up to 150, if the criterion asks for more cycles) + 4 × 2
+epochs of CIFAR for steps 1-2, then 17 starting points ×
 --seeds fine-tunings of --finetune-epochs epochs each (17 × 5 × 10 = 850 CIFAR-10 epochs);
 narrow it with --methods, --seeds, --shots or --finetune-epochs.  --smoke runs every step on
 a few hundred images to check an installation.
@@ -104,7 +109,10 @@ def parse_args(argv=None):
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--pretrain-epochs", type=int, default=50)
     ap.add_argument("--pretrain-lr", type=float, default=0.1)
-    ap.add_argument("--forget-epochs", type=int, default=8)
+    ap.add_argument("--val-size", type=int, default=5000,
+                    help="CIFAR-100 training images held out for the convergence check")
+    ap.add_argument("--stage-budget", type=float, default=2.0,
+                    help="samples per forgetting stage, in multiples of |D^0|")
     ap.add_argument("--forget-lr", type=float, default=0.01)
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--finetune-lr", type=float, default=0.01)
@@ -125,8 +133,8 @@ def main(argv=None) -> int:
                       lr=args.finetune_lr, optimizer="sgd", weight_decay=5e-4)
     sizes = dict(train_size=1000, test_size=500) if args.smoke else {}
     if args.smoke:
-        args.pretrain_epochs = args.forget_epochs = 1
-        args.batch_size = 32  # D^4 holds 62 of the 1,000 images
+        args.pretrain_epochs, args.stage_budget, args.val_size = 4, 0.2, 200
+        args.batch_size = 32  # D^4 holds 50 of the 800 images
         recipe = FineTune(shots=20, epochs=1, batch_size=50, lr=args.finetune_lr,
                           optimizer="sgd")
     # The KNOWN and both datasets first: a missing file stops the run before any training.
@@ -146,11 +154,18 @@ def main(argv=None) -> int:
     model = build(c100.num_classes, args.device)
     print(f"ResNet18 ({count_parameters(model):,} parameters) on {c100.name} "
           f"({len(c100.train):,} images), then forgetting r={args.r}, S={args.stages}")
+    order = torch.randperm(len(c100.train), generator=torch.Generator().manual_seed(args.seed))
+    held, d0 = order[:args.val_size], order[args.val_size:].sort().values
+    x, y = c100.train.tensors
     schedule = progressive_forgetting(
-        model, c100.train, r=args.r, stages=args.stages, epochs_per_stage=args.forget_epochs,
-        batch_size=args.batch_size, lr=args.forget_lr, optimizer="sgd", weight_decay=5e-4,
-        seed=args.seed, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
-        test_dataset=c100.test, progress=True)
+        model, c100.train, indices=d0, r=args.r, stages=args.stages,
+        stage_samples=round(args.stage_budget * len(d0)), batch_size=args.batch_size,
+        lr=args.forget_lr, optimizer="sgd", weight_decay=5e-4, seed=args.seed,
+        pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
+        val_dataset=TensorDataset(x[held], y[held]), test_dataset=c100.test, progress=True)
+    pre = schedule.info["pretrain"]
+    print(f"Θ^0: {pre['epochs']} epochs, last-quarter gain {pre['gain_last_quarter']:+.2f} "
+          f"points, converged: {pre['converged']}")
     print("CIFAR-100 test accuracy per stage: "
           + " ".join(f"{100 * a:.2f}" for a in schedule.test_acc))
     for i, state in enumerate(schedule.snapshots):
@@ -168,6 +183,7 @@ def main(argv=None) -> int:
         tmp.write_text(f"# ResNet18: CIFAR-100 → CIFAR-10\n\n{table}\n", encoding="utf-8")
     _write_json({"protocol": "resnet18 cifar100 -> cifar10", "args": vars(args),
                  "source_test_acc": [100 * a for a in schedule.test_acc],
+                 "pretrain": pre,
                  "seconds": time.perf_counter() - started, "result": result.to_dict()},
                 out / "results.json")
     plot_results([result], out / "results.png", title="ResNet18: CIFAR-100 → CIFAR-10")

@@ -1,5 +1,5 @@
 """An independent float64 NumPy re-derivation of KNOWN, written from the spec text
-(shared/design/KNOWN.md §3–4) without using know_kernels, to check the reference against."""
+(docs/spec.md §3–4) without using know_kernels, to check the reference against."""
 import numpy as np
 
 

@@ -4,6 +4,8 @@ import argparse
 import json
 
 import h5py
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from know_kernels import zoo
 from know_kernels.cli import collect
-from know_kernels.forgetting import subset_sizes
+from know_kernels.forgetting import Convergence, subset_sizes
 
 
 def know(*argv):
@@ -39,6 +41,10 @@ def test_quick_preset_resume_and_report(tmp_path, capsys):
         assert meta["batch_size"] <= meta["subset_sizes"][-1]
         assert len(meta["test_acc"]) == 7 and all(0 <= a <= 1 for a in meta["test_acc"])
         assert meta["dataset"] == "digits"
+        # The regime: Θ^0 checked for convergence on held-out images, a fixed stage budget.
+        assert meta["pretrain"]["converged"] is Convergence().holds(meta["pretrain"]["val_acc"])
+        assert len(meta["pretrain"]["val_acc"]) == meta["pretrain"]["epochs"] >= 4
+        assert meta["val_size"] == 200 and meta["stage_budget_samples"] == 400
         assert all(meta[k] == v for k, v in entry["meta"].items())
         tensors = load_file(str(out / entry["file"]))
         assert sum(tensors[h].shape[0] for h in ("conv", "fc", "bias") if h in tensors) == \
@@ -54,6 +60,7 @@ def test_quick_preset_resume_and_report(tmp_path, capsys):
     assert know("--report", out) == 0
     report = capsys.readouterr().out
     assert "accuracy fell from stage 0 to the last stage in" in report and "of 3 runs" in report
+    assert "Θ^0 met the convergence criterion in" in report and "of 3 runs" in report
     for run_id in index(out):
         assert run_id in report
 
@@ -61,15 +68,26 @@ def test_quick_preset_resume_and_report(tmp_path, capsys):
         know("--out", out, "--runs", 3, "--preset", "quick", "--seed", 1, "--quiet")
 
 
-def test_deterministic_per_seed(tmp_path):
-    for name in ("a", "b"):
-        know("--out", tmp_path / name, "--runs", 1, "--preset", "quick", "--archs", "mlp,cnn",
-             "--seed", 4, "--quiet")
+def test_deterministic_per_seed_and_across_worker_processes(tmp_path):
+    for name, jobs in (("a", 1), ("b", 2)):
+        know("--out", tmp_path / name, "--runs", 2 if jobs == 2 else 1, "--preset", "quick",
+             "--archs", "mlp,vit", "--seed", 4, "--quiet", "--jobs", jobs)
     a = load_file(str(tmp_path / "a" / "run_0000.safetensors"))
     b = load_file(str(tmp_path / "b" / "run_0000.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert index(tmp_path / "a")["run_0000"]["meta"]["test_acc"] == \
         index(tmp_path / "b")["run_0000"]["meta"]["test_acc"]
+    assert sorted(index(tmp_path / "b")) == ["run_0000", "run_0001"]
+
+
+def test_validation_images_lie_outside_d0():
+    preset = collect.PRESETS["default"]
+    for k, n_train in ((0, 10000), (1, 1438)):
+        draws = collect.draw_settings(preset, 0, k, n_train)
+        d0, val = set(draws["d0"].tolist()), set(draws["val"].tolist())
+        assert not d0 & val and len(val) == min(1000, n_train // 4)
+        assert len(d0) == min(2000, n_train - len(val))
+        assert draws["stage_samples"] == len(d0) and draws["pretrain_epochs"] >= 4
 
 
 class NaNModel(torch.nn.Module):
@@ -136,6 +154,7 @@ def test_dry_run_and_import_mat(tmp_path, capsys):
     (["--runs", 1, "--archs", "vgg"], ValueError, "vgg"),
     (["--runs", 1, "--stages", 1], ValueError, "--stages must be >= 2"),
     (["--runs", 1, "--threads", 0], ValueError, "--threads"),
+    (["--runs", 1, "--jobs", 0], ValueError, "--jobs must be >= 1"),
     (["--runs", 1, "--datasets", "mnist", "--data-dir", "."], FileNotFoundError,
      "mnist not found"),
 ])
@@ -149,18 +168,21 @@ def test_out_required():
         know("--runs", 1)
 
 
-@pytest.mark.parametrize("name,seed", [("default", 0), ("default", 7), ("quick", 3)])
-def test_every_combination_draws_a_learning_rate_from_every_stratum(name, seed):
-    preset = collect.PRESETS[name]
+@pytest.mark.parametrize("name,seed,scale", [("default", 0, "linear"), ("default", 7, "log"),
+                                             ("quick", 3, "linear")])
+def test_every_combination_draws_a_learning_rate_from_every_stratum(name, seed, scale):
+    preset = replace(collect.PRESETS[name], lr_scale=scale)
     n = preset.lr_strata
     size = len(preset.archs) * len(preset.datasets)
-    lo, hi = np.log(preset.lr_range)
+    to_scale = np.log if scale == "log" else (lambda v: v)
+    lo, hi = to_scale(np.asarray(preset.lr_range))
     edges = np.linspace(lo, hi, n + 1)
     seen = {}
     for k in range(2 * n * size):  # two full groups of n blocks
         plan = collect.plan_run(preset, seed, k)
         lr = collect.draw_settings(preset, seed, k, 10000)["lr"]
-        stratum = int(np.searchsorted(edges, np.log(lr), side="right")) - 1
+        assert preset.lr_range[0] <= lr <= preset.lr_range[1]
+        stratum = int(np.searchsorted(edges, to_scale(lr), side="right")) - 1
         assert stratum == collect.lr_stratum(preset, seed, k)
         seen.setdefault((plan["arch"], plan["dataset"], k // (n * size)), []).append(stratum)
     assert len(seen) == 2 * size

@@ -14,7 +14,8 @@ import pytest
 
 from know_kernels import KNOWN, data
 from know_kernels.cli import main
-from know_kernels.transfer import NAIVE, PAPER_ORDER
+from know_kernels.transfer import MORE_DATA, NAIVE, PAPER_ORDER
+from know_kernels.verdict import task_verdict
 from test_data import write_mnist_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +27,7 @@ def data_args(tmp_path_factory):
            ("train-images", "train-labels", "t10k-images", "t10k-labels")):
         return []
     directory = tmp_path_factory.mktemp("fashion-mnist")
-    write_mnist_dir(directory, n_train=4000, n_test=600)
+    write_mnist_dir(directory, n_train=6000, n_test=600)
     return ["--data-dir", str(directory)]
 
 
@@ -54,24 +55,37 @@ def test_quick_demo_writes_its_results(quick_run, capsys):
     assert {"format", "config", "known", "source", "tasks", "timing", "machine"} <= set(results)
     assert results["config"]["r"] == 0.5 and results["config"]["stages"] == 5
     assert len(results["source"]["test_acc"]) == 5
+    source = results["source"]
+    assert source["forgot"] == (source["test_acc"][-1] < source["test_acc"][0])
+    # Θ^0 and the more-data models: one recipe, each with its convergence check recorded.
+    size = source["subset_sizes"][0]
+    assert [m["images"] for m in source["more_data"]] == [2 * size, 4 * size]
+    for record in (source["pretrain"], *source["more_data"]):
+        assert isinstance(record["converged"], bool) and record["epochs"] >= 4
+        assert len(record["val_acc"]) == record["epochs"]
+    assert results["config"]["protocol_name"] == "linear-probe"
     assert set(results["tasks"]) == {"digits", "fashion-heldout"}
     for name, task in results["tasks"].items():
-        assert task["seeds"] == [0, 1]
+        assert task["seeds"] == [0, 1, 2, 3, 4] and task["protocol"] == "linear-probe"
         labels = {}
         for row in task["rows"]:
             labels.setdefault(row["method"], []).append(row["label"])
-            assert len(row["acc"]) == len(row["diff"]) == 2
+            assert len(row["acc"]) == len(row["diff"]) == 5
             for value in (*row["acc"], row["acc_mean"], row["acc_std"]):
                 assert math.isfinite(value) and 0.0 <= value <= 100.0, (name, row)
             for value in (*row["diff"], row["diff_mean"], row["diff_se"]):
                 assert math.isfinite(value) and abs(value) <= 100.0, (name, row)
-        assert labels == {NAIVE: ["×1", "×0.5"],
+        assert labels == {NAIVE: ["×1", "×0.5"], MORE_DATA: ["×2", "×4"],
                           **{m: ["×2", "×4", "×8"] for m in PAPER_ORDER}}
+        assert [r["factor"] for r in task["rows"] if r["method"] == MORE_DATA] == [2.0, 4.0]
         naive = task["rows"][0]
-        assert naive["diff"] == [0.0, 0.0] and naive["diff_se"] == 0.0
+        assert naive["diff"] == [0.0] * 5 and naive["diff_se"] == 0.0
+        assert results["verdict"]["tasks"][name] == task_verdict(task)
     md = (out / "results.md").read_text()
+    assert md.startswith("# KNOW demo\n\n**Verdict.** " + results["verdict"]["text"])
     assert "| method | ×n | accuracy (%) | Δ vs Naive transfer ×1 (points) |" in md
-    for name in ("Naive transfer", "KNOWN", "TaskVector", "LinearFit", "LogFit", "ExpFit"):
+    for name in ("Naive transfer", "More data (real)", "KNOWN", "TaskVector", "LinearFit",
+                 "LogFit", "ExpFit"):
         assert f"| {name} | ×" in md
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -108,13 +122,14 @@ def test_known_with_other_snapshot_count_is_refused(tmp_path, data_args, capsys)
 
 
 def test_quick_demo_uses_the_shipped_known_by_default(tmp_path, data_args):
-    """Without --known the demo predicts with KNOWN.pretrained() (digits and KNOWN only,
-    to keep the test short)."""
+    """Without --known the demo predicts with KNOWN.pretrained(); --s-ablation adds the
+    shipped S = 3 and 4 heads (digits and KNOWN only, to keep the test short)."""
     out = tmp_path / "out"
     assert main(["demo", "--quick", "--quiet", "--out", str(out), "--tasks", "digits",
-                 "--methods", "known", *data_args]) == 0
+                 "--methods", "known", "--s-ablation", *data_args]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["known"]["source"] == "KNOWN.pretrained()"
     assert results["known"]["provenance"] == KNOWN.pretrained().provenance
-    assert [row["method"] for row in results["tasks"]["digits"]["rows"]] == [NAIVE] * 2 + [
-        "known"] * 3
+    assert [(row["method"], row["label"]) for row in results["tasks"]["digits"]["rows"]] == [
+        (NAIVE, "×1"), (NAIVE, "×0.5"), (MORE_DATA, "×2"), (MORE_DATA, "×4"),
+        *[(m, f"×{f}") for m in ("known", "known-S3", "known-S4") for f in (2, 4, 8)]]

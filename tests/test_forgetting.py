@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from know_kernels.forgetting import (ForgettingSchedule, NonFiniteLossError, evaluate,
-                                     progressive_forgetting, subset_sizes)
+from know_kernels.forgetting import (Convergence, ForgettingSchedule, NonFiniteLossError,
+                                     evaluate, pretrain, progressive_forgetting, subset_sizes)
 from know_kernels.routing import route_state
 
 
@@ -222,3 +222,69 @@ def test_record_checks_order_and_shapes():
     schedule.record(1, tiny_model(2).state_dict())
     with pytest.raises(ValueError, match="already recorded"):
         schedule.record(2, tiny_model())
+
+
+# ------------------------------------------------------------------ convergence, budgets
+
+def test_convergence_criterion_compares_the_last_quarter_with_the_rest():
+    crit = Convergence(tol=0.5)
+    # 8 epochs: the last quarter is epochs 7-8; best before them 0.80.
+    assert crit.gain([0.5, 0.7, 0.75, 0.78, 0.80, 0.79, 0.803, 0.802]) == pytest.approx(0.3)
+    assert crit.holds([0.5, 0.7, 0.75, 0.78, 0.80, 0.79, 0.803, 0.802])
+    assert not crit.holds([0.5, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78])  # still climbing
+    assert crit.holds([0.5, 0.7, 0.8, 0.85, 0.86, 0.86, 0.84, 0.83])      # over-fitting
+    with pytest.raises(ValueError, match=">= 4 epochs"):
+        crit.gain([0.5, 0.6, 0.7])
+    with pytest.raises(ValueError, match="tol"):
+        Convergence(tol=0)
+    with pytest.raises(ValueError, match="max_cycles"):
+        Convergence(max_cycles=0)
+
+
+class NeverConverged(Convergence):
+    def holds(self, history):
+        return False
+
+
+def test_pretraining_adds_cycles_until_the_criterion_holds():
+    """A criterion that never holds runs max_cycles cycles and says so; an easy one stops
+    after the first."""
+    data, val = tiny_data(), tiny_data(90, seed=3)
+    records = {}
+    for name, crit in (("strict", NeverConverged(max_cycles=3)),
+                       ("easy", Convergence(tol=100.0, max_cycles=3))):
+        model = tiny_model(0)
+        records[name] = pretrain(model, data, torch.arange(240), epochs=4, lr=1e-2,
+                                 batch_size=16, generator=torch.Generator().manual_seed(0),
+                                 val_dataset=val, convergence=crit)
+    easy, strict = records["easy"], records["strict"]
+    assert easy["cycles"] == 1 and easy["epochs"] == 4 and easy["converged"] is True
+    assert len(easy["val_acc"]) == 4 and easy["samples"] == 4 * (240 // 16) * 16
+    assert easy["gain_last_quarter"] == pytest.approx(Convergence().gain(easy["val_acc"]))
+    assert strict["cycles"] == 3 and strict["epochs"] == 12 and len(strict["val_acc"]) == 12
+    assert strict["converged"] is False
+    # Without held-out images: one cycle, nothing checked.
+    plain = pretrain(tiny_model(0), data, torch.arange(240), epochs=4, lr=1e-2, batch_size=16,
+                     generator=torch.Generator().manual_seed(0))
+    assert plain["cycles"] == 1 and plain["converged"] is None and plain["val_acc"] == []
+
+
+def test_forgetting_records_the_convergence_check_and_a_fixed_stage_budget():
+    model, schedule = run(val_dataset=tiny_data(90, seed=3), pretrain_epochs=4,
+                          stage_samples=96)
+    record = schedule.info["pretrain"]
+    assert record["converged"] is Convergence().holds(record["val_acc"])
+    assert schedule.metadata()["pretrain"] == record
+    # Every stage sees the same budget, however small its subset (30 images: 6 passes).
+    assert schedule.samples[1:] == [96, 96, 96]
+    assert schedule.metadata()["stage_budget_samples"] == 96
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"stage_samples": 0}, "stage_samples"),
+    ({"stage_samples": 8}, "less than one batch"),
+    ({"val_dataset": tiny_data(30), "pretrain_epochs": 3}, ">= 4 epochs"),
+])
+def test_bad_regime_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(**kwargs)

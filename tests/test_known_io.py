@@ -114,7 +114,7 @@ def test_init_is_seeded():
 
 def test_pretrained_missing_file_is_a_clear_error(monkeypatch, tmp_path):
     from know_kernels import heads
-    monkeypatch.setattr(heads, "PRETRAINED", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(heads, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="shipped KNOWN weights are missing"):
         heads.KNOWN.pretrained()
 
@@ -126,3 +126,18 @@ def test_saved_files_get_the_default_mode_not_the_temp_files(tmp_path):
     path = tmp_path / "k.safetensors"
     KNOWN.init().save(path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+@pytest.mark.parametrize("S", [3, 4, 5])
+def test_pretrained_ships_every_window_length(S):
+    known = KNOWN.pretrained(S=S)
+    assert set(known) == {"conv", "fc", "bias"}
+    assert all(head.S == S for _, head in known.items())
+    assert known.provenance["config"]["S"] == S
+
+
+def test_pretrained_default_is_s5_and_other_lengths_are_refused():
+    assert KNOWN.pretrained().provenance == KNOWN.pretrained(S=5).provenance
+    for S in (2, 6, True):
+        with pytest.raises(ValueError, match=r"ships KNOWN for S in \(3, 4, 5\)"):
+            KNOWN.pretrained(S=S)

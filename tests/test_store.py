@@ -186,3 +186,21 @@ def test_iter_chunks_streams_every_row(tmp_path):
         next(store.iter_chunks("norm"))
     with pytest.raises(KeyError, match="run_7"):
         next(store.iter_chunks("conv", runs=["run_7"]))
+
+
+def test_summary_counts_forgetting_and_convergence(tmp_path):
+    """The forgetting check (accuracy at the last stage below Θ^0's) and the convergence
+    record, counted over the finished runs; runs without a check are not counted."""
+    store = MetaDataset(tmp_path)
+    runs = [([0.90, 0.85], True), ([0.90, 0.90], False), ([0.80, 0.81], True),
+            ([0.70, 0.60], None)]
+    for i, (acc, converged) in enumerate(runs):
+        meta = {"arch": "toy", "r": 0.5, "test_acc": acc}
+        if converged is not None:
+            meta["pretrain"] = {"converged": converged}
+        store.add(f"run_{i}", trajectory(seed=i, meta=meta))
+    summary = store.summary()
+    assert summary["fell"] == 2 and summary["with_accuracy"] == 4
+    assert summary["mean_drop"] == pytest.approx((0.05 + 0.0 - 0.01 + 0.10) / 4)
+    assert summary["convergence_checked"] == 3 and summary["converged"] == 2
+    assert [r["converged"] for r in summary["per_run"]] == [True, False, True, None]

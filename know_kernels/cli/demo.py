@@ -2,11 +2,13 @@
 
     know demo [--quick] [--out DIR] [--seeds N] [--known PATH] [--data-dir DIR] ...
 
-Pretrains a small ResNet on Fashion-MNIST's classes 0-4, runs progressive forgetting
+Pretrains a small ResNet on 2,000 images of Fashion-MNIST's classes 0-4 to convergence,
+trains the same recipe on 2x and 4x the images (the yardstick), runs progressive forgetting
 (r = 0.5, S = 5), predicts ×2/×4/×8 with KNOWN and the baselines (TaskVector, LinearFit,
-LogFit, ExpFit), fine-tunes every starting point on data-scarce downstream tasks over
-paired seeds and prints a table shaped like the paper's Table 1.  Writes results.json,
-results.md and results.png into --out.  See docs/demo.md.
+LogFit, ExpFit), probes every starting point on data-scarce downstream tasks over paired
+seeds and prints a table shaped like the paper's Table 1, after a verdict computed from
+the numbers.  Writes results.json, results.md and results.png into --out.  See
+docs/demo.md.
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ def register(sub) -> None:
                        epilog=__doc__.split("\n\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: less data and training, 2 seeds (about a minute)")
+                   help="a smoke run: less data and training, 5 seeds (under a minute)")
     p.add_argument("--out", default="know-demo", help="output directory (default know-demo)")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"paired fine-tuning seeds per task, >= {MIN_SEEDS} "
-                        f"(default 5, --quick 2)")
+                   help=f"paired downstream seeds per task, >= {MIN_SEEDS} "
+                        f"(default 20, --quick 5)")
     p.add_argument("--known", default=None,
                    help="KNOWN weights (.safetensors, see KNOWN.save); default: the weights "
                         "shipped with the package (KNOWN.pretrained())")
@@ -48,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these small networks gain nothing from "
                         "more, and lose 10x when another job shares the cores)")
+    p.add_argument("--s-ablation", action="store_true",
+                   help="also predict with the shipped KNOWN for S = 3 and 4 (the paper's "
+                        "Table 6)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
     p.set_defaults(func=run)
 
@@ -64,6 +69,8 @@ def run(args) -> int:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.methods is not None:
         changes["methods"] = check_methods(args.methods)
+    if args.s_ablation:
+        changes["s_ablation"] = True
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     config = replace(config, **changes).check()
@@ -89,5 +96,6 @@ def run(args) -> int:
     for name, task in results["tasks"].items():
         print(f"\n## {name}\n")
         print(format_table(task))
+    print("\n" + results["verdict"]["text"])
     print(f"\nwrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -33,7 +33,7 @@ def _add_split(p) -> None:
                         f"{','.join(MetaTrainConfig.val_architectures)})")
     p.add_argument("--val-dataset", type=_csv, default=MetaTrainConfig.val_datasets,
                    help="held-out datasets, comma separated (default: "
-                        f"{','.join(MetaTrainConfig.val_datasets)})")
+                        f"{','.join(MetaTrainConfig.val_datasets) or 'none'})")
     p.add_argument("--authors", default=None,
                    help="directory with the authors' KNOWN_{Conv,FC,Bias}.h5, to compare with")
 
