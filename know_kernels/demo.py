@@ -30,14 +30,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .data import load_dataset
-from .fileio import PathLike, atomic_path
+from .fileio import PathLike, atomic_path, write_json
 from .forgetting import check_r, check_stages, derive_seed, evaluate, progressive_forgetting
 from .heads import KNOWN
 from .more_data import PretrainRecipe, more_data_candidates, nested_prefixes
 from .predict import group_by_head
 from .probe import LinearProbe
 from .routing import route_state
-from .store import _write_json
 from .transfer import (PAPER_ORDER, Candidate, FineTune, check_input_shape,
                        check_methods, check_seeds, format_table, know_candidates,
                        plot_results, select_classes, transfer)
@@ -296,7 +295,7 @@ def write_outputs(results: dict, out: PathLike) -> list[Path]:
     """results.json, results.md and results.png in ``out``, each written atomically."""
     out = Path(out)
     paths = [out / name for name in OUTPUTS]
-    _write_json(results, paths[0])
+    write_json(results, paths[0])
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(format_markdown(results), encoding="utf-8")
     plot_results(list(results["tasks"].values()), paths[2],

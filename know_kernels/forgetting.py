@@ -251,13 +251,16 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> floa
     return correct / max(total, 1)
 
 
-def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    """A fresh optimizer of :data:`OPTIMIZERS` (momentum for SGD only)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _check_positive(name: str, value, integer: bool = False):
+def check_positive(name: str, value, integer: bool = False):
+    """Refuse anything but a positive finite number (``integer``: a positive int), naming
+    ``name`` in the error."""
     ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if integer \
         else isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value <= 0:
@@ -265,11 +268,13 @@ def _check_positive(name: str, value, integer: bool = False):
                          f"got {value!r}")
 
 
-def _train_stage(model, dataset, indices, *, stage, steps, batch_size, optimizer, cosine,
-                 generator, device, bar, epoch_end=None) -> int:
-    """``steps`` optimizer steps on full batches of ``indices``, reshuffled at every pass (a
-    budget larger than one pass revisits the subset).  ``epoch_end()`` is called after each
-    complete pass.  Returns the number of samples seen."""
+def train_steps(model, dataset, indices, *, stage, steps, batch_size, optimizer, cosine,
+                generator, device, bar=None, epoch_end=None) -> int:
+    """``steps`` optimizer steps of cross-entropy on full batches of ``indices``, reshuffled
+    at every pass (a budget larger than one pass revisits the subset), cosine-annealed to 0
+    when ``cosine``.  ``bar.update(1)`` after each step; ``epoch_end()`` after each complete
+    pass.  A NaN/inf loss raises :class:`NonFiniteLossError` (``stage`` names it).  Returns
+    the number of samples seen."""
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
                  if cosine else None)
     model.train()
@@ -287,7 +292,8 @@ def _train_stage(model, dataset, indices, *, stage, steps, batch_size, optimizer
             if scheduler is not None:
                 scheduler.step()
             step += 1
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
         else:
             if epoch_end is not None:
                 epoch_end()
@@ -311,8 +317,8 @@ class Convergence:
     max_cycles: int = 3
 
     def __post_init__(self):
-        _check_positive("tol", self.tol)
-        _check_positive("max_cycles", self.max_cycles, integer=True)
+        check_positive("tol", self.tol)
+        check_positive("max_cycles", self.max_cycles, integer=True)
 
     def gain(self, history: Sequence[float]) -> float:
         """Points gained by the last quarter of ``history`` (held-out accuracy per epoch, as
@@ -345,11 +351,11 @@ def pretrain(model: nn.Module, dataset: Dataset, indices: torch.Tensor, *, epoch
     samples = cycles = 0
     peak = lr
     while True:
-        opt = _make_optimizer(optimizer, trainable, peak, momentum, weight_decay)
-        samples += _train_stage(model, dataset, indices, stage=0, steps=steps,
+        opt = make_optimizer(optimizer, trainable, peak, momentum, weight_decay)
+        samples += train_steps(model, dataset, indices, stage=0, steps=steps,
                                 batch_size=batch_size, optimizer=opt, cosine=True,
                                 generator=generator, device=device,
-                                bar=_NoBar() if bar is None else bar, epoch_end=on_epoch)
+                                bar=bar, epoch_end=on_epoch)
         cycles += 1
         if val_dataset is None or convergence.holds(history) \
                 or cycles == convergence.max_cycles:
@@ -360,11 +366,6 @@ def pretrain(model: nn.Module, dataset: Dataset, indices: torch.Tensor, *, epoch
             "gain_last_quarter": convergence.gain(history) if val_dataset is not None else None,
             "tol": convergence.tol if val_dataset is not None else None,
             "converged": convergence.holds(history) if val_dataset is not None else None}
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stages: int = 7,
@@ -405,17 +406,17 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     for name, value in (("epochs_per_stage", epochs_per_stage), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)):
-        _check_positive(name, value, integer=True)
+        check_positive(name, value, integer=True)
     if stage_samples is not None:
-        _check_positive("stage_samples", stage_samples, integer=True)
+        check_positive("stage_samples", stage_samples, integer=True)
         if stage_samples < batch_size:
             raise ValueError(f"stage_samples={stage_samples} is less than one batch of "
                              f"{batch_size}")
-    _check_positive("lr", lr)
+    check_positive("lr", lr)
     if pretrain_lr is not None:
-        _check_positive("pretrain_lr", pretrain_lr)
+        check_positive("pretrain_lr", pretrain_lr)
     if pretrain_batch_size is not None:
-        _check_positive("pretrain_batch_size", pretrain_batch_size, integer=True)
+        check_positive("pretrain_batch_size", pretrain_batch_size, integer=True)
     if isinstance(pretrain_epochs, bool) or int(pretrain_epochs) != pretrain_epochs \
             or pretrain_epochs < 0:
         raise ValueError(f"pretrain_epochs must be an integer >= 0, got {pretrain_epochs!r}")
@@ -472,8 +473,8 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
         schedule.record(0, model, test_acc=accuracy(), seconds=seconds, samples=samples)
         for stage, steps in enumerate(stage_steps, 1):
             started = time.perf_counter()
-            opt = _make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
-            samples = _train_stage(model, dataset, schedule.subset(stage), stage=stage,
+            opt = make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
+            samples = train_steps(model, dataset, schedule.subset(stage), stage=stage,
                                    steps=steps, batch_size=batch_size, optimizer=opt,
                                    cosine=False, generator=generator, device=device, bar=bar)
             seconds = time.perf_counter() - started

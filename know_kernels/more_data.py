@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .forgetting import Convergence, _check_positive, pretrain
+from .forgetting import Convergence, check_positive, pretrain
 from .transfer import MORE_DATA, Candidate
 
 
@@ -38,9 +38,9 @@ class PretrainRecipe:
     convergence: Convergence = Convergence()
 
     def __post_init__(self):
-        _check_positive("samples", self.samples, integer=True)
-        _check_positive("lr", self.lr)
-        _check_positive("batch_size", self.batch_size, integer=True)
+        check_positive("samples", self.samples, integer=True)
+        check_positive("lr", self.lr)
+        check_positive("batch_size", self.batch_size, integer=True)
 
     def epochs(self, n: int) -> int:
         return max(4, round(self.samples / n))

@@ -25,7 +25,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .backbone import load_backbone
-from .forgetting import _check_positive
+from .forgetting import check_positive
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ class LinearProbe:
 
     def __post_init__(self):
         if self.shots is not None:
-            _check_positive("shots", self.shots, integer=True)
-        _check_positive("l2", self.l2)
-        _check_positive("max_iter", self.max_iter, integer=True)
+            check_positive("shots", self.shots, integer=True)
+        check_positive("l2", self.l2)
+        check_positive("max_iter", self.max_iter, integer=True)
 
 
 def _classifier_module(model: nn.Module, prefix: str) -> nn.Module:

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .fileio import PathLike, atomic_path, save_safetensors
+from .fileio import PathLike, save_safetensors, write_json
 from .routing import HEADS, Route, route_state
 
 TRAJECTORY_FORMAT = "know-kernels/trajectory/1"
@@ -216,11 +216,6 @@ def load_trajectory(path: PathLike) -> Trajectory:
     return TrajectoryFile(path).load()
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------- meta-dataset
 
 class MetaDataset:
@@ -255,7 +250,7 @@ class MetaDataset:
         self._save_index()
 
     def _save_index(self) -> None:
-        _write_json(self._index, self.index_path)
+        write_json(self._index, self.index_path)
 
     def runs(self, status: Optional[str] = "ok") -> dict[str, dict]:
         """Index entries by run id (``status=None``: every run, failed ones included)."""
@@ -296,7 +291,7 @@ class MetaDataset:
         """Index the trajectory file already written at ``run_path(run_id)`` (by ``add`` or
         by a :class:`~know_kernels.recorder.StageRecorder`)."""
         reader = TrajectoryFile(self.run_path(run_id))
-        _write_json(reader.meta, self.root / f"{run_id}.json")
+        write_json(reader.meta, self.root / f"{run_id}.json")
         dtype_name = _dtype_name(reader.read(next(iter(reader.heads)), 0, 1).dtype)
         meta = {k: v for k, v in reader.meta.items()
                 if k not in ("format", "params", "stages", "column_order")}

@@ -36,8 +36,8 @@ from torch.utils.data import TensorDataset
 from .backbone import classifier_keys, load_backbone
 from .baselines import DEFAULT_LAMBDA
 from .data import DataSplit
-from .forgetting import (OPTIMIZERS, NonFiniteLossError, _check_positive, _make_optimizer,
-                         _NoBar, _train_stage, check_r, derive_seed, evaluate)
+from .forgetting import (OPTIMIZERS, NonFiniteLossError, check_positive, make_optimizer,
+                         train_steps, check_r, derive_seed, evaluate)
 from .fileio import PathLike, atomic_path
 from .heads import KNOWN
 from .predict import METHODS, Checkpoint, load_checkpoints, predict
@@ -186,10 +186,10 @@ class FineTune:
 
     def __post_init__(self):
         if self.shots is not None:
-            _check_positive("shots", self.shots, integer=True)
-        _check_positive("epochs", self.epochs, integer=True)
-        _check_positive("batch_size", self.batch_size, integer=True)
-        _check_positive("lr", self.lr)
+            check_positive("shots", self.shots, integer=True)
+        check_positive("epochs", self.epochs, integer=True)
+        check_positive("batch_size", self.batch_size, integer=True)
+        check_positive("lr", self.lr)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
@@ -249,14 +249,14 @@ def fine_tune(weights: Mapping[str, torch.Tensor], model_fn: Callable[[], nn.Mod
     diverged = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.torch_seed)
-        optimizer = _make_optimizer(recipe.optimizer, model.parameters(), recipe.lr,
+        optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr,
                                     recipe.momentum, recipe.weight_decay)
         try:
-            _train_stage(model, task.train, plan.indices, stage=0,
+            train_steps(model, task.train, plan.indices, stage=0,
                          steps=recipe.epochs * (plan.indices.numel() // recipe.batch_size),
                          batch_size=recipe.batch_size, optimizer=optimizer, cosine=True,
                          generator=torch.Generator().manual_seed(plan.order_seed),
-                         device=torch.device(device), bar=_NoBar() if bar is None else bar)
+                         device=torch.device(device), bar=bar)
         except NonFiniteLossError as exc:
             diverged = exc.step
     return 100.0 * evaluate(model, task.test), diverged

@@ -45,9 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.data import DataSplit, load_dataset  # noqa: E402
-from know_kernels.fileio import atomic_path, save_safetensors  # noqa: E402
+from know_kernels.fileio import atomic_path, save_safetensors, write_json  # noqa: E402
 from know_kernels.forgetting import progressive_forgetting  # noqa: E402
-from know_kernels.store import _write_json  # noqa: E402
 from know_kernels.transfer import (PAPER_ORDER, FineTune, check_methods, check_seeds,  # noqa: E402
                                    format_table, know_candidates, plot_results, select_classes,
                                    transfer)
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
     print(table)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(f"# ResNet18: CIFAR-100 → CIFAR-10\n\n{table}\n", encoding="utf-8")
-    _write_json({"protocol": "resnet18 cifar100 -> cifar10", "args": vars(args),
+    write_json({"protocol": "resnet18 cifar100 -> cifar10", "args": vars(args),
                  "source_test_acc": [100 * a for a in schedule.test_acc],
                  "pretrain": pre,
                  "seconds": time.perf_counter() - started, "result": result.to_dict()},
