@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller everything (≈ 1 minute)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    d0_size, epochs = (500, 12) if args.quick else (2000, 20)
+    d0_size, epochs = (640, 12) if args.quick else (2000, 20)
 
     # Step 0: the KNOWN (first, so a missing file fails before any training).
     known = KNOWN.pretrained() if args.known is None else KNOWN.load(args.known)

@@ -96,6 +96,7 @@ def test_quick_demo_writes_its_results(quick_run, capsys):
     (["--methods", "known,foo"], "unknown method.*'foo'.*known, taskvector, linear, log, exp"),
     (["--tasks", "cifar10"], "tasks: unknown.*'cifar10'"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--s-ablation", "--methods", "exp"], "the S ablation needs the KNOWN method"),
 ])
 def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "out"), *args]) == 2
