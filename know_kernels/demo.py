@@ -97,9 +97,9 @@ class DemoConfig:
 
 
 PRESETS = {
-    # 3-5 minutes on the project's 2-core machine (measured in docs/demo.md).
+    # About 7 minutes on the project's 2-core machine (measured in docs/demo.md).
     "default": DemoConfig(),
-    # A smoke run (CI): every stage of the pipeline on a fraction of the data, < 1 minute.
+    # A smoke run (CI): every stage of the pipeline on a fraction of the data, ~1.5 minutes.
     "quick": DemoConfig(seeds=5, source_size=500, val_size=300, source_test_size=400,
                         heldout_test_size=200, pretrain=PretrainRecipe(samples=6000),
                         forget_batch_size=16, protocol=LinearProbe(shots=10)),

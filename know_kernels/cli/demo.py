@@ -30,7 +30,7 @@ def register(sub) -> None:
                        epilog=__doc__.split("\n\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: less data and training, 5 seeds (under a minute)")
+                   help="a smoke run: less data and training, 5 seeds (about 1.5 minutes)")
     p.add_argument("--out", default="know-demo", help="output directory (default know-demo)")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"paired downstream seeds per task, >= {MIN_SEEDS} "
