@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from .data import load_dataset
 from .fileio import PathLike, atomic_path, write_json
-from .forgetting import check_r, check_stages, derive_seed, evaluate, progressive_forgetting
+from .forgetting import check_r, check_stages, derive_seed, progressive_forgetting
 from .heads import KNOWN
 from .more_data import PretrainRecipe, more_data_candidates, nested_prefixes
 from .predict import group_by_head
@@ -173,10 +173,6 @@ def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = 
     # the held-out images for the convergence check its tail.
     order = torch.from_numpy(np.random.default_rng(derive_seed(config.seed, 1)).permutation(
         len(source.train)))
-    needed = int(config.source_size * max((1.0,) + config.more_data)) + config.val_size
-    if needed > len(source.train):
-        raise ValueError(f"the source pool has {len(source.train)} images; D^0, the more-data "
-                         f"sets and the held-out images need {needed}")
     sets = nested_prefixes(order[:len(order) - config.val_size], config.source_size,
                            config.more_data)
     x, y = source.train.tensors
@@ -208,12 +204,8 @@ def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = 
     t = time.perf_counter()
     more, more_records = more_data_candidates(
         model_fn, source.train, sets, recipe, init_seed=init_seed,
-        order_seed=derive_seed(forget_seed, 1), val_dataset=val,
+        order_seed=derive_seed(forget_seed, 1), val_dataset=val, test_dataset=source.test,
         progress=lambda line: log("      " + line))
-    for c, rec in zip(more, more_records):
-        trained = model_fn()
-        trained.load_state_dict(c.weights)
-        rec["test_acc"] = 100 * evaluate(trained, source.test)
     timing["more_data_s"] = time.perf_counter() - t
 
     log(f"[4/5] predicting ×{1 / config.r:.3g} … ×{config.r ** -config.steps:.3g} with "

@@ -275,6 +275,9 @@ def train_steps(model, dataset, indices, *, stage, steps, batch_size, optimizer,
     when ``cosine``.  ``bar.update(1)`` after each step; ``epoch_end()`` after each complete
     pass.  A NaN/inf loss raises :class:`NonFiniteLossError` (``stage`` names it).  Returns
     the number of samples seen."""
+    if steps > 0 and indices.numel() < batch_size:
+        # No full batch: the loop below would never make a step.
+        raise ValueError(f"{indices.numel()} samples hold no full batch of {batch_size}")
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
                  if cosine else None)
     model.train()
@@ -353,9 +356,9 @@ def pretrain(model: nn.Module, dataset: Dataset, indices: torch.Tensor, *, epoch
     while True:
         opt = make_optimizer(optimizer, trainable, peak, momentum, weight_decay)
         samples += train_steps(model, dataset, indices, stage=0, steps=steps,
-                                batch_size=batch_size, optimizer=opt, cosine=True,
-                                generator=generator, device=device,
-                                bar=bar, epoch_end=on_epoch)
+                               batch_size=batch_size, optimizer=opt, cosine=True,
+                               generator=generator, device=device, bar=bar,
+                               epoch_end=on_epoch)
         cycles += 1
         if val_dataset is None or convergence.holds(history) \
                 or cycles == convergence.max_cycles:

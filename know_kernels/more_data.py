@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .forgetting import Convergence, check_positive, pretrain
+from .forgetting import Convergence, check_positive, evaluate, pretrain
 from .transfer import MORE_DATA, Candidate
 
 
@@ -64,12 +64,14 @@ def more_data_candidates(model_fn: Callable[[], nn.Module], dataset: Dataset,
                          sets: Sequence[torch.Tensor], recipe: PretrainRecipe, *,
                          init_seed: int, order_seed: int,
                          val_dataset: Optional[Dataset] = None,
+                         test_dataset: Optional[Dataset] = None,
                          progress: Optional[Callable[[str], None]] = None
                          ) -> tuple[list[Candidate], list[dict]]:
     """Train one model per set of ``sets[1:]`` (``sets[0]`` is D^0, Θ^0's own) from the
     initialisation ``torch.manual_seed(init_seed); model_fn()`` with batch order seed
     ``order_seed``, as Θ^0 was.  Returns the candidates (method "more-data", factor
-    |set| / |D^0|) and each model's pretraining record (convergence check included)."""
+    |set| / |D^0|) and each model's pretraining record (convergence check included, and
+    ``test_acc`` in % on ``test_dataset`` when given)."""
     n0 = sets[0].numel()
     candidates, records = [], []
     for k, indices in enumerate(sets[1:], 1):
@@ -84,6 +86,8 @@ def more_data_candidates(model_fn: Callable[[], nn.Module], dataset: Dataset,
                           optimizer=recipe.optimizer,
                           generator=torch.Generator().manual_seed(order_seed),
                           val_dataset=val_dataset, convergence=recipe.convergence)
+        if test_dataset is not None:
+            record["test_acc"] = 100 * evaluate(model, test_dataset)
         records.append({"factor": factor, "images": indices.numel(), **record})
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         candidates.append(Candidate(MORE_DATA, k, factor, state))

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from know_kernels.forgetting import (Convergence, ForgettingSchedule, NonFiniteLossError,
-                                     evaluate, pretrain, progressive_forgetting, subset_sizes)
+                                     evaluate, pretrain, progressive_forgetting, subset_sizes,
+                                     train_steps)
 from know_kernels.routing import route_state
 
 
@@ -288,3 +289,11 @@ def test_forgetting_records_the_convergence_check_and_a_fixed_stage_budget():
 def test_bad_regime_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(**kwargs)
+
+
+def test_a_step_budget_without_a_full_batch_is_refused():
+    model = tiny_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="5 samples hold no full batch of 8"):
+        train_steps(model, tiny_data(), torch.arange(5), stage=1, steps=3, batch_size=8,
+                    optimizer=opt, cosine=False, generator=torch.Generator(), device="cpu")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from know_kernels.forgetting import Convergence, derive_seed, progressive_forgetting
+from know_kernels.forgetting import (Convergence, derive_seed, evaluate,
+                                     progressive_forgetting)
 from know_kernels.more_data import PretrainRecipe, more_data_candidates, nested_prefixes
 from know_kernels.probe import (LinearProbe, features, fit_probe, recalibrate_batchnorm)
 from know_kernels.transfer import MORE_DATA, NAIVE, Candidate, transfer
@@ -113,7 +114,7 @@ def test_more_data_models_use_theta0s_recipe_seeds_and_init():
     more, records = more_data_candidates(model_fn(), task.train, [d0, d0, torch.arange(120)],
                                          recipe, init_seed=init_seed,
                                          order_seed=derive_seed(forget_seed, 1),
-                                         val_dataset=val)
+                                         val_dataset=val, test_dataset=task.test)
     theta0 = schedule.snapshots[0]
     assert all(torch.equal(more[0].weights[k], theta0[k]) for k in theta0)
     assert records[0]["val_acc"] == schedule.info["pretrain"]["val_acc"]
@@ -121,6 +122,10 @@ def test_more_data_models_use_theta0s_recipe_seeds_and_init():
                                                             (MORE_DATA, 2, 2.0)]
     assert records[1]["images"] == 120 and records[1]["epochs"] % recipe.epochs(120) == 0
     assert isinstance(records[1]["converged"], bool)
+    # Evaluating on the test images leaves the weights as trained (Θ^0's, bit for bit).
+    check = model_fn()()
+    check.load_state_dict(more[0].weights)
+    assert records[0]["test_acc"] == pytest.approx(100 * evaluate(check, task.test))
 
 
 # ------------------------------------------------------------------------------ verdict

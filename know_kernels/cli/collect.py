@@ -293,16 +293,16 @@ def _finish(store: MetaDataset, run_id: str, status: str, failure: dict) -> str:
     return status
 
 
-_WORKER_DATA: dict = {}
+_WORKER_DATA: Optional["DataCache"] = None
 
 
 def _worker_run(plan: dict, preset: Preset, seed: int, data_dir: Optional[str],
                 path: str) -> tuple[str, dict]:
     """One run in a worker process (datasets loaded once per process)."""
+    global _WORKER_DATA
     torch.set_num_threads(preset.threads)
-    if plan["dataset"] not in _WORKER_DATA:
-        _WORKER_DATA[plan["dataset"]] = load_dataset(plan["dataset"], data_dir,
-                                                     test_size=preset.test_size)
+    if _WORKER_DATA is None:
+        _WORKER_DATA = DataCache(preset, data_dir)
     return train_run(plan, preset, seed, _WORKER_DATA[plan["dataset"]], path, False)
 
 
