@@ -23,8 +23,8 @@ import torch
 
 from bench_nowcast_cpu import best_time, machine, matmul_ceiling, trajectories
 from know_kernels import KNOWNHead, l1_loss
-from know_kernels.metatrain import MetaTrainConfig
-from know_kernels.ops import l1_cpu, nowcast_cpu
+from know_kernels.research.metatrain import MetaTrainConfig
+from know_kernels.kernels.ops import l1_cpu, nowcast_cpu
 from provenance import commit
 
 NOMINAL_FLOP = 3 * 2 * 8832              # forward + backward ~ 3 forwards, spec section 7

@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_nowcast_gpu import cuda_ms, print_provenance  # noqa: E402
 from know_kernels import KNOWNHead  # noqa: E402
-from know_kernels.metatrain import MetaTrainConfig  # noqa: E402
-from know_kernels.packing import pack, packed_size  # noqa: E402
-from know_kernels.l1 import l1_reference  # noqa: E402
+from know_kernels.research.metatrain import MetaTrainConfig  # noqa: E402
+from know_kernels.kernels.packing import pack, packed_size  # noqa: E402
+from know_kernels.kernels.l1 import l1_reference  # noqa: E402
 
 S = 5
 NORM = "wnn"
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"step: S={S}, norm {NORM}, loss {LOSS_SPACE}, float32 rows, Adam (lr 1e-3)")
     modules = {}
     for name in BACKENDS:
-        module = importlib.import_module(f"know_kernels.ops.l1_{name}")
+        module = importlib.import_module(f"know_kernels.kernels.ops.l1_{name}")
         ok, why = module.available(torch.device("cuda"))
         print(f"backend {name}: {why}")
         if ok:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from know_kernels import KNOWNHead, nowcast
-from know_kernels.ops import nowcast_cpu
-from know_kernels.reference import nowcast_ref
+from know_kernels.kernels.ops import nowcast_cpu
+from know_kernels.kernels.reference import nowcast_ref
 from provenance import commit
 
 NOMINAL_FLOP = 2 * 8832   # per row per step, spec section 7

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from know_kernels import KNOWNHead  # noqa: E402
-from know_kernels.nowcast import backend_status  # noqa: E402
-from know_kernels.ops.nowcast_cuda import cuda_ms  # noqa: E402
-from know_kernels.packing import fold, pack  # noqa: E402
-from know_kernels.reference import nowcast_ref, normalise  # noqa: E402
+from know_kernels.kernels.nowcast import backend_status  # noqa: E402
+from know_kernels.kernels.ops.nowcast_cuda import cuda_ms  # noqa: E402
+from know_kernels.kernels.packing import fold, pack  # noqa: E402
+from know_kernels.kernels.reference import nowcast_ref, normalise  # noqa: E402
 from provenance import commit  # noqa: E402
 
 S = 5
@@ -98,9 +98,9 @@ def matmul_ceilings() -> dict:
 
 def run_fn(backend: str):
     if backend == "triton":
-        from know_kernels.ops import nowcast_triton as module
+        from know_kernels.kernels.ops import nowcast_triton as module
     else:
-        from know_kernels.ops import nowcast_cuda as module
+        from know_kernels.kernels.ops import nowcast_cuda as module
     return module.run
 
 
@@ -198,7 +198,7 @@ def table(sizes) -> None:
 def exp_benchmark() -> None:
     """Raw throughput of the exp flavours (csrc/cuda/exp_bench.cu), against what the
     nowcast kernel needs: 128 exps per row."""
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     ok, why = backend_status("cuda", "cuda")
     if not ok:
         sys.exit(f"the cuda backend is not usable here: {why}")

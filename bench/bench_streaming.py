@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 from provenance import commit  # noqa: E402
 
 from know_kernels import KNOWN  # noqa: E402
-from know_kernels.nowcast import resolve_backend  # noqa: E402
-from know_kernels.predict import DEFAULT_CHUNK_ROWS, METHODS, predict_rows  # noqa: E402
-from know_kernels.streaming import OutFile, plan_shards, write_index  # noqa: E402
+from know_kernels.kernels.nowcast import resolve_backend  # noqa: E402
+from know_kernels.pipeline.predict import DEFAULT_CHUNK_ROWS, METHODS, predict_rows  # noqa: E402
+from know_kernels.io.streaming import OutFile, plan_shards, write_index  # noqa: E402
 
 S = 5
 DTYPE = torch.bfloat16

@@ -199,8 +199,8 @@ def triton_kernels(arch: int, precisions: list[str]) -> None:
     except ImportError as exc:
         print(f"Triton kernels: triton's NVIDIA backend is not importable ({exc})")
         return
-    from know_kernels.ops import nowcast_triton as nt
-    from know_kernels.reference import HIDDEN
+    from know_kernels.kernels.ops import nowcast_triton as nt
+    from know_kernels.kernels.reference import HIDDEN
     cuobjdump = triton_bin("cuobjdump")
     signature = {"rows_ptr": "*bf16", "packed_ptr": "*fp32", "out_ptr": "*fp32", "N": "i64",
                  "steps": "i32", "n_bucket": "i32"}

@@ -11,7 +11,7 @@ import torch
 
 from bench_l1 import LOSS_SPACE, batch
 from know_kernels import KNOWNHead, l1_loss
-from know_kernels.ops import l1_cpu
+from know_kernels.kernels.ops import l1_cpu
 
 pytest.importorskip("pytest_benchmark")
 

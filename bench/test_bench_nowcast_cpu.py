@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead, nowcast
-from know_kernels.ops import nowcast_cpu
+from know_kernels.kernels.ops import nowcast_cpu
 
 pytest.importorskip("pytest_benchmark")
 

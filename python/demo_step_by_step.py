@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
-from know_kernels.data import load_dataset  # noqa: E402
+from know_kernels.research.data import load_dataset  # noqa: E402
 from know_kernels.fileio import save_safetensors  # noqa: E402
-from know_kernels.forgetting import Convergence, ForgettingSchedule, evaluate  # noqa: E402
-from know_kernels.predict import predict  # noqa: E402
-from know_kernels.probe import LinearProbe  # noqa: E402
-from know_kernels.transfer import (format_table, know_candidates,  # noqa: E402
+from know_kernels.research.forgetting import Convergence, ForgettingSchedule, evaluate  # noqa: E402
+from know_kernels.pipeline.predict import predict  # noqa: E402
+from know_kernels.research.probe import LinearProbe  # noqa: E402
+from know_kernels.research.transfer import (format_table, know_candidates,  # noqa: E402
                                    plot_results, select_classes, transfer)
-from know_kernels.zoo import build_model  # noqa: E402
+from know_kernels.research.zoo import build_model  # noqa: E402
 
 R = 0.5  # each forgetting stage keeps half of the previous subset
 

@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
-from know_kernels.data import load_dataset  # noqa: E402
+from know_kernels.research.data import load_dataset  # noqa: E402
 from know_kernels.fileio import save_safetensors  # noqa: E402
-from know_kernels.forgetting import evaluate, progressive_forgetting  # noqa: E402
-from know_kernels.predict import METHODS, load_checkpoints, predict  # noqa: E402
-from know_kernels.zoo import build_model  # noqa: E402
+from know_kernels.research.forgetting import evaluate, progressive_forgetting  # noqa: E402
+from know_kernels.pipeline.predict import METHODS, load_checkpoints, predict  # noqa: E402
+from know_kernels.research.zoo import build_model  # noqa: E402
 
 
 def make_trajectory(root: Path) -> list[Path]:

@@ -5,7 +5,7 @@ import copy
 import torch
 
 from know_kernels import l1_loss
-from know_kernels.reference import normalise, nowcast_ref
+from know_kernels.kernels.reference import normalise, nowcast_ref
 from test_nowcast_cpu import trajectories
 
 TOL = 1e-5

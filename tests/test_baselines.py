@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from know_kernels import KNOWN
-from know_kernels.baselines import extrapolate, fit_exp
-from know_kernels.predict import predict
+from know_kernels.kernels.baselines import extrapolate, fit_exp
+from know_kernels.pipeline.predict import predict
 from test_predict import forgetting_checkpoints
 
 S = 5

@@ -8,12 +8,12 @@ from safetensors.torch import load_file, save_file
 
 from know_kernels import KNOWN
 from know_kernels.cli import main
-from know_kernels.predict import predict
+from know_kernels.pipeline.predict import predict
 from test_predict import forgetting_checkpoints
 
 # The package exports functions under these modules' names.
-nowcast_module = importlib.import_module("know_kernels.nowcast")
-predict_module = importlib.import_module("know_kernels.predict")
+nowcast_module = importlib.import_module("know_kernels.kernels.nowcast")
+predict_module = importlib.import_module("know_kernels.pipeline.predict")
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_predict_with_a_baseline_needs_no_known(setup, capsys):
 
 
 def test_predict_sharded_checkpoints_with_out_dtype(tmp_path, capsys):
-    from know_kernels.streaming import save_sharded
+    from know_kernels.io.streaming import save_sharded
     from test_streaming import read_output
     cks = forgetting_checkpoints(dtype=torch.bfloat16)
     paths = [str(save_sharded(ck, tmp_path / f"ck{i}", max_shard_bytes=100))

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from know_kernels import zoo
+from know_kernels.research import zoo
 from know_kernels.cli import collect
-from know_kernels.forgetting import Convergence, subset_sizes
+from know_kernels.research.forgetting import Convergence, subset_sizes
 
 
 def know(*argv):

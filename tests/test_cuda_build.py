@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead, nowcast_ref
-from know_kernels.packing import pack
+from know_kernels.kernels.packing import pack
 from test_nowcast_gpu import params64, weight_like_rows
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
@@ -267,7 +267,7 @@ def test_module_imports_and_describes_itself():
 
 def test_available_explains_missing_device():
     C = _built()
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     ok, why = nowcast_cuda.available(torch.device("cpu"))
     assert not ok and "CUDA tensors" in why
     if C.device_count() == 0:
@@ -286,7 +286,7 @@ def test_module_rejects_bad_arguments():
 
 
 def test_register_budget_is_timed_once_per_key_and_reused(monkeypatch):
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     monkeypatch.setattr(nowcast_cuda, "_tuned", {})
     ran, times = [], {1: 3.0, 2: 2.0}
 
@@ -309,7 +309,7 @@ def test_register_budget_is_timed_once_per_key_and_reused(monkeypatch):
 
 
 def test_run_refuses_unknown_register_budget():
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     if nowcast_cuda._cuda is None:
         pytest.skip("know_kernels._cuda is not built")
     with pytest.raises(ValueError, match="blocks_per_sm"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from know_kernels import data
-from know_kernels.data import load_dataset, parse_dataset_list, read_cifar_batch, read_idx
+from know_kernels.research import data
+from know_kernels.research.data import load_dataset, parse_dataset_list, read_cifar_batch, read_idx
 
 _IDX_CODES = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
 

@@ -12,10 +12,11 @@ import re
 
 import pytest
 
-from know_kernels import KNOWN, data
+from know_kernels import KNOWN
+from know_kernels.research import data
 from know_kernels.cli import main
-from know_kernels.transfer import MORE_DATA, NAIVE, PAPER_ORDER
-from know_kernels.verdict import task_verdict
+from know_kernels.research.transfer import MORE_DATA, NAIVE, PAPER_ORDER
+from know_kernels.research.verdict import task_verdict
 from test_data import write_mnist_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

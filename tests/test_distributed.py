@@ -10,9 +10,9 @@ import pytest
 import torch.distributed
 
 from know_kernels.cli import main
-from know_kernels.distributed import split
-from know_kernels.predict import Segment
-from know_kernels.streaming import save_sharded
+from know_kernels.pipeline.distributed import split
+from know_kernels.pipeline.predict import Segment
+from know_kernels.io.streaming import save_sharded
 from test_streaming import THREE_SHARDS, save_mixed, trajectory
 
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from know_kernels.forgetting import (Convergence, ForgettingSchedule, NonFiniteLossError,
+from know_kernels.research.forgetting import (Convergence, ForgettingSchedule, NonFiniteLossError,
                                      evaluate, pretrain, progressive_forgetting, subset_sizes,
                                      train_steps)
-from know_kernels.routing import route_state
+from know_kernels.known.routing import route_state
 
 
 def tiny_data(n=240, seed=0, classes=3):

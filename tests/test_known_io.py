@@ -113,7 +113,7 @@ def test_init_is_seeded():
 
 
 def test_pretrained_missing_file_is_a_clear_error(monkeypatch, tmp_path):
-    from know_kernels import heads
+    from know_kernels.known import heads
     monkeypatch.setattr(heads, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="shipped KNOWN weights are missing"):
         heads.KNOWN.pretrained()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead, l1_loss
-from know_kernels.l1 import backend_status, l1_reference, resolve_backend
-from know_kernels.metatrain import MetaTrainConfig, meta_train
-from know_kernels.packing import pack
+from know_kernels.kernels.l1 import backend_status, l1_reference, resolve_backend
+from know_kernels.research.metatrain import MetaTrainConfig, meta_train
+from know_kernels.kernels.packing import pack
 
 from l1_cases import assert_matches, case, fused, reference, windows
 from test_metatrain import synthetic_store
@@ -204,7 +204,7 @@ import sys
 sys.modules["know_kernels._C"] = None  # makes `from . import _C` raise ImportError
 import torch
 from know_kernels import KNOWNHead, l1_loss
-from know_kernels.l1 import backend_status, resolve_backend
+from know_kernels.kernels.l1 import backend_status, resolve_backend
 assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
 assert not backend_status("cpu")[0]
 head = KNOWNHead(seed=0)

@@ -7,8 +7,8 @@ import torch
 
 from know_kernels import KNOWNHead, nowcast
 from know_kernels._ext import _C
-from know_kernels.ops import l1_cpu, nowcast_cpu
-from know_kernels.packing import pack, packed_size
+from know_kernels.kernels.ops import l1_cpu, nowcast_cpu
+from know_kernels.kernels.packing import pack, packed_size
 
 import test_nowcast_cpu
 from l1_cases import assert_matches, case, clear_targets, reference, windows

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from know_kernels.packing import packed_size
+from know_kernels.kernels.packing import packed_size
 from test_cuda_build import ARCHS, CUDA_DIR, DTYPE_CODES, emulated_library
 from test_l1_gpu import (assert_close, call, errors, kink_case, make_head, rows_and_target,
                          zero_residual_case)
@@ -148,7 +148,7 @@ def _built():
 
 
 def _any_build():
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     if nowcast_cuda._cuda is None:
         pytest.skip(f"know_kernels._cuda is not built ({nowcast_cuda._IMPORT_ERROR})")
     return nowcast_cuda._cuda
@@ -157,7 +157,7 @@ def _any_build():
 def test_available_adds_the_kernel_check():
     # What the inference backend says about the device, plus whether the build has l1.cu.
     C = _any_build()
-    from know_kernels.ops import l1_cuda, nowcast_cuda
+    from know_kernels.kernels.ops import l1_cuda, nowcast_cuda
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         usable, reason = nowcast_cuda.available(device)
         ok, why = l1_cuda.available(device)
@@ -177,7 +177,7 @@ def test_module_rejects_bad_arguments():
 
 def test_wrapper_names_bad_arguments():
     _any_build()
-    from know_kernels.ops import l1_cuda
+    from know_kernels.kernels.ops import l1_cuda
     rows = torch.zeros(4, 5)
     packed = torch.zeros(packed_size(5))
     with pytest.raises(ValueError, match="rows must be a contiguous CUDA tensor"):

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead
-from know_kernels.packing import folded_shapes, pack, packed_offsets, packed_size
-from know_kernels.reference import LEAKY_SLOPE, normalise, step_ref
+from know_kernels.kernels.packing import folded_shapes, pack, packed_offsets, packed_size
+from know_kernels.kernels.reference import LEAKY_SLOPE, normalise, step_ref
 from test_nowcast_gpu import weight_like_rows
 
 TOL = 1e-5
@@ -209,7 +209,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _module(name):
-    return importlib.import_module(f"know_kernels.ops.l1_{name}")
+    return importlib.import_module(f"know_kernels.kernels.ops.l1_{name}")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from know_kernels.ops import l1_triton as lt  # noqa: E402
-from know_kernels.packing import packed_offsets  # noqa: E402
+from know_kernels.kernels.ops import l1_triton as lt  # noqa: E402
+from know_kernels.kernels.packing import packed_offsets  # noqa: E402
 from test_l1_gpu import (TOL, assert_close, call, errors, kink_case, make_head,  # noqa: E402
                          packed_of, rows_and_target, zero_residual_case)
 # The worker-process fixtures (module scope: this module gets its own workers).

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from know_kernels.mat_import import import_mat, parse_mat_name, read_mat
-from know_kernels.store import MetaDataset
+from know_kernels.io.mat_import import import_mat, parse_mat_name, read_mat
+from know_kernels.io.store import MetaDataset
 
 
 def write_mat(path, n_kernels=5, m=7, k=3, stages=7, seed=0, dtype=np.float64, skip=()):

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from know_kernels.cli import build_parser
-from know_kernels.metatrain import (MetaTrainConfig, baseline_predictors, evaluate,
+from know_kernels.research.metatrain import (MetaTrainConfig, baseline_predictors, evaluate,
                                     known_predictor, load_state, meta_train, split_runs,
                                     window_batches, windows)
-from know_kernels.store import MetaDataset, Trajectory
+from know_kernels.io.store import MetaDataset, Trajectory
 
 STAGES = 7
 

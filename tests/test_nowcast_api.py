@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead, nowcast
-from know_kernels.nowcast import backend_status, resolve_backend
+from know_kernels.kernels.nowcast import backend_status, resolve_backend
 
 
 def test_reference_backend_writes_into_out_and_poisoned_rows_are_overwritten():
@@ -57,8 +57,8 @@ def test_empty_input():
 
 
 def test_precision_switch_reaches_every_backend_as_a_mode_it_has():
-    from know_kernels.nowcast import PRECISION_ARGS, PRECISIONS
-    from know_kernels.ops import nowcast_cuda, nowcast_triton
+    from know_kernels.kernels.nowcast import PRECISION_ARGS, PRECISIONS
+    from know_kernels.kernels.ops import nowcast_cuda, nowcast_triton
     accepted = {"cpu": lambda kw: kw == {},
                 "triton": lambda kw: kw["input_precision"] in nowcast_triton.PRECISIONS,
                 "cuda": lambda kw: kw["mode"] in nowcast_cuda.MODES}
@@ -87,7 +87,7 @@ def test_cpu_backends_compute_in_float32_whatever_precision_allows(backend):
 
 def test_precision_is_passed_to_the_kernel(monkeypatch):
     # The package exports the function under the module's name.
-    nowcast_module = importlib.import_module("know_kernels.nowcast")
+    nowcast_module = importlib.import_module("know_kernels.kernels.nowcast")
     seen = []
 
     class Fake:

@@ -9,10 +9,10 @@ import torch
 
 from know_kernels import KNOWNHead, nowcast
 from know_kernels._ext import _C
-from know_kernels.nowcast import resolve_backend
-from know_kernels.ops import nowcast_cpu
-from know_kernels.packing import pack
-from know_kernels.reference import nowcast_ref
+from know_kernels.kernels.nowcast import resolve_backend
+from know_kernels.kernels.ops import nowcast_cpu
+from know_kernels.kernels.packing import pack
+from know_kernels.kernels.reference import nowcast_ref
 
 AVAILABLE, WHY = nowcast_cpu.available(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"fused CPU kernel absent: {WHY}")

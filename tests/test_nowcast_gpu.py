@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from know_kernels import KNOWNHead, nowcast, nowcast_ref
-from know_kernels.nowcast import backend_status
-from know_kernels.packing import pack
+from know_kernels.kernels.nowcast import backend_status
+from know_kernels.kernels.packing import pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device (these tests need a GPU)")
@@ -152,7 +152,7 @@ def test_triton_input_precision(precision, tol, norm):
     ok, why = backend_status("triton", "cuda")
     if not ok:
         pytest.skip(why)
-    from know_kernels.ops import nowcast_triton
+    from know_kernels.kernels.ops import nowcast_triton
     rows, packed, out, ref = _packed_case(20011, 11, norm)
     nowcast_triton.run(rows, packed, S=5, norm=norm, steps=2, out=out, input_precision=precision)
     torch.cuda.synchronize()
@@ -169,7 +169,7 @@ def test_cuda_modes(mode, tol, blocks_per_sm, norm, S):
     ok, why = backend_status("cuda", "cuda")
     if not ok:
         pytest.skip(why)
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     rows, packed, out, ref = _packed_case(20011, 12, norm, S=S)
     nowcast_cuda.run(rows, packed, S=S, norm=norm, steps=2, out=out, mode=mode,
                      blocks_per_sm=blocks_per_sm)
@@ -182,7 +182,7 @@ def test_cuda_register_budgets_give_identical_results():
     ok, why = backend_status("cuda", "cuda")
     if not ok:
         pytest.skip(why)
-    from know_kernels.ops import nowcast_cuda
+    from know_kernels.kernels.ops import nowcast_cuda
     rows, packed, out, _ = _packed_case(nowcast_cuda.TUNE_MIN_ROWS + 5, 14, "wnn")
     got = {}
     for blocks in (1, 2, None):  # None: timed once, then the faster of the two

@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from know_kernels import KNOWNHead, nowcast, nowcast_ref  # noqa: E402
-from know_kernels.ops import nowcast_triton as nt  # noqa: E402
-from know_kernels.packing import pack  # noqa: E402
+from know_kernels.kernels.ops import nowcast_triton as nt  # noqa: E402
+from know_kernels.kernels.packing import pack  # noqa: E402
 from test_nowcast_gpu import params64, weight_like_rows  # noqa: E402
 
 BM = nt.INTERPRET_BLOCK_M

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from know_kernels import KNOWN, nowcast
-from know_kernels.predict import count_rows, predict
+from know_kernels.pipeline.predict import count_rows, predict
 
 
 def forgetting_checkpoints(S=5, seed=0, dtype=torch.float32):
@@ -140,4 +140,4 @@ def test_inputs_are_not_modified():
 
 def test_predict_is_public_at_the_package_top():
     import know_kernels
-    assert know_kernels.predict is predict
+    assert know_kernels.pipeline.predict is predict

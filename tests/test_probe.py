@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from know_kernels.forgetting import (Convergence, derive_seed, evaluate,
+from know_kernels.research.forgetting import (Convergence, derive_seed, evaluate,
                                      progressive_forgetting)
-from know_kernels.more_data import PretrainRecipe, more_data_candidates, nested_prefixes
-from know_kernels.probe import (LinearProbe, features, fit_probe, recalibrate_batchnorm)
-from know_kernels.transfer import MORE_DATA, NAIVE, Candidate, transfer
-from know_kernels.verdict import resolved, task_verdict, verdict
-from know_kernels.zoo import build_model
+from know_kernels.research.more_data import PretrainRecipe, more_data_candidates, nested_prefixes
+from know_kernels.research.probe import (LinearProbe, features, fit_probe, recalibrate_batchnorm)
+from know_kernels.research.transfer import MORE_DATA, NAIVE, Candidate, transfer
+from know_kernels.research.verdict import resolved, task_verdict, verdict
+from know_kernels.research.zoo import build_model
 from test_transfer import SHAPE, model_fn, one_thread, source_weights, toy_task  # noqa: F401
 
 PROBE = LinearProbe(shots=5, max_iter=50)

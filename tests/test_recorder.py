@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from know_kernels.recorder import StageRecorder
-from know_kernels.store import MetaDataset, Trajectory, load_trajectory
+from know_kernels.io.recorder import StageRecorder
+from know_kernels.io.store import MetaDataset, Trajectory, load_trajectory
 
 
 def small_model(seed=0):
@@ -31,7 +31,7 @@ def snapshots(stages, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recorded_run_equals_the_in_memory_one(tmp_path, dtype, monkeypatch):
-    import know_kernels.recorder as recorder
+    import know_kernels.io.recorder as recorder
     monkeypatch.setattr(recorder, "CHUNK_ROWS", 37)  # several chunks, one ragged
     snaps = snapshots(5)
     meta = {"arch": "tiny", "dataset": "none", "r": 0.5}
@@ -91,8 +91,8 @@ def test_memory_stays_near_one_model_copy(tmp_path):
     # 8M parameters (32 MB) over 6 stages: keeping the stages would add about 190 MB.
     script = textwrap.dedent(f"""
         import resource, torch
-        from know_kernels.recorder import StageRecorder
-        from know_kernels.store import MetaDataset
+        from know_kernels.io.recorder import StageRecorder
+        from know_kernels.io.store import MetaDataset
         model = torch.nn.Linear(4000, 2000)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rec = StageRecorder(MetaDataset({str(tmp_path)!r}), "big", 6)

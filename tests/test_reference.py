@@ -4,8 +4,8 @@ import torch
 
 import spec_numpy
 from know_kernels import KNOWNHead, num_params
-from know_kernels.packing import fold, pack, packed_offsets, packed_size, folded_shapes
-from know_kernels.reference import nowcast_ref, normalise, param_shapes, step_ref
+from know_kernels.kernels.packing import fold, pack, packed_offsets, packed_size, folded_shapes
+from know_kernels.kernels.reference import nowcast_ref, normalise, param_shapes, step_ref
 
 
 def fresh_head(S=5, norm="wnn"):
@@ -115,7 +115,7 @@ def test_packed_folding_computes_the_same_function(S):
     assert packed.dtype == torch.float32 and packed.numel() == packed_size(S)
     folded64 = torch.cat([t.reshape(-1) for t in fold(params).values()])
     x = torch.rand(200, S, dtype=torch.float64) - 0.5
-    from know_kernels.reference import residual_ref
+    from know_kernels.kernels.reference import residual_ref
     torch.testing.assert_close(folded_residual(x, folded64, S), residual_ref(x, params),
                                rtol=1e-10, atol=1e-12)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from know_kernels.routing import default_route, make_router, route_state
+from know_kernels.known.routing import default_route, make_router, route_state
 
 
 def small_model_state():

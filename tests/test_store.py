@@ -6,7 +6,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from know_kernels.store import (MetaDataset, Trajectory, TrajectoryFile, load_trajectory,
+from know_kernels.io.store import (MetaDataset, Trajectory, TrajectoryFile, load_trajectory,
                                 save_trajectory)
 
 

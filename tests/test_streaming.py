@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from know_kernels import KNOWN
-from know_kernels import streaming
-from know_kernels.baselines import extrapolate
-from know_kernels.nowcast import backend_status
-from know_kernels.predict import predict
-from know_kernels.streaming import (OutFile, load_into, open_checkpoint, predict_files,
+from know_kernels.io import streaming
+from know_kernels.kernels.baselines import extrapolate
+from know_kernels.kernels.nowcast import backend_status
+from know_kernels.pipeline.predict import predict
+from know_kernels.io.streaming import (OutFile, load_into, open_checkpoint, predict_files,
                                     save_sharded)
 
 CHUNK = 97  # smaller than the big parameters, so they are split across chunks
@@ -393,7 +393,7 @@ def test_load_into(tmp_path):
 
 MEMORY_SCRIPT = r"""
 import sys
-from know_kernels.streaming import predict_files
+from know_kernels.io.streaming import predict_files
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -8,13 +8,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from know_kernels import KNOWN
-from know_kernels.data import DataSplit
-from know_kernels.forgetting import progressive_forgetting
-from know_kernels.transfer import (NAIVE, Candidate, FineTune, Row, check_methods,
+from know_kernels.research.data import DataSplit
+from know_kernels.research.forgetting import progressive_forgetting
+from know_kernels.research.transfer import (NAIVE, Candidate, FineTune, Row, check_methods,
                                    check_seeds, factor_label, fine_tune, format_table,
                                    know_candidates, paired_difference, plan_seed,
                                    select_classes, t_critical, transfer)
-from know_kernels.zoo import build_model
+from know_kernels.research.zoo import build_model
 
 SHAPE = (1, 8, 8)
 RECIPE = FineTune(shots=6, epochs=2, batch_size=6, lr=1e-2)

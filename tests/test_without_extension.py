@@ -7,7 +7,7 @@ import sys
 sys.modules["know_kernels._C"] = None  # makes `from . import _C` raise ImportError
 import torch
 import know_kernels
-from know_kernels.nowcast import backend_status, resolve_backend
+from know_kernels.kernels.nowcast import backend_status, resolve_backend
 from know_kernels.cli import main
 assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
 ok, why = backend_status("cpu")

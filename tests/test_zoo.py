@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from know_kernels.routing import route_state
-from know_kernels.zoo import ARCHITECTURES, DEFAULT_WIDTH, build_model, count_parameters
+from know_kernels.known.routing import route_state
+from know_kernels.research.zoo import ARCHITECTURES, DEFAULT_WIDTH, build_model, count_parameters
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 

@@ -17,10 +17,10 @@ the forgetting stages barely move a converged Θ^0 and source accuracy did not f
 
 The regime is the paper's: Θ^0 is trained on a random D^0 **to convergence** (cosine
 cycles until held-out source accuracy stops improving, checked on ``val_size`` training
-images outside D^0: :class:`know_kernels.forgetting.Convergence`), then fine-tuned stage
+images outside D^0: :class:`know_kernels.research.forgetting.Convergence`), then fine-tuned stage
 after stage on nested subsets **to forget**: every stage trains for the same budget of
 ``stage_budget`` × |D^0| samples, so the small late subsets are revisited and over-fitted
-(:func:`know_kernels.forgetting.progressive_forgetting`).  Every run's metadata records the
+(:func:`know_kernels.research.forgetting.progressive_forgetting`).  Every run's metadata records the
 convergence check and the source test accuracy after every stage.  Every draw depends only
 on (--seed, k), so the runs are deterministic, a finished run is skipped when collection is
 resumed or extended with a larger --runs, and an interrupted run leaves no file under its
@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ..data import DataSplit, load_dataset, parse_dataset_list
-from ..forgetting import (Convergence, NonFiniteLossError, derive_seed,
+from ..research.data import DataSplit, load_dataset, parse_dataset_list
+from ..research.forgetting import (Convergence, NonFiniteLossError, derive_seed,
                           progressive_forgetting, subset_sizes)
-from ..mat_import import import_mat
-from ..store import STORE_DTYPES, MetaDataset, save_trajectory
-from ..zoo import ARCHITECTURES, DEFAULT_WIDTH, build_model, count_parameters
+from ..io.mat_import import import_mat
+from ..io.store import STORE_DTYPES, MetaDataset, save_trajectory
+from ..research.zoo import ARCHITECTURES, DEFAULT_WIDTH, build_model, count_parameters
 
 
 # Learning-rate scales: (to the scale the strata are cut on, back).

@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from ..demo import PRESETS, TASKS, run_demo, write_outputs
-from ..heads import KNOWN
-from ..transfer import MIN_SEEDS, PAPER_ORDER, check_methods, format_table
+from ..research.demo import PRESETS, TASKS, run_demo, write_outputs
+from ..known.heads import KNOWN
+from ..research.transfer import MIN_SEEDS, PAPER_ORDER, check_methods, format_table
 
 
 def register(sub) -> None:

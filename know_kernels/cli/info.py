@@ -8,7 +8,7 @@ import torch
 
 from .. import __version__
 from .._ext import IMPORT_ERROR, _C
-from ..nowcast import BACKENDS, backend_status
+from ..kernels.nowcast import BACKENDS, backend_status
 
 
 def register(sub) -> None:

@@ -11,14 +11,14 @@ from typing import Optional
 from tqdm import tqdm
 
 from ..fileio import atomic_path
-from ..heads import KNOWN
-from ..l1 import LOSS_SPACES
-from ..metatrain import (MetaTrainConfig, baseline_predictors, evaluate, known_predictor,
+from ..known.heads import KNOWN
+from ..kernels.l1 import LOSS_SPACES
+from ..research.metatrain import (MetaTrainConfig, baseline_predictors, evaluate, known_predictor,
                          meta_train, split_runs, window_count)
-from ..nowcast import BACKENDS
-from ..reference import NORMS
-from ..routing import HEADS
-from ..store import MetaDataset
+from ..kernels.nowcast import BACKENDS
+from ..kernels.reference import NORMS
+from ..known.routing import HEADS
+from ..io.store import MetaDataset
 
 AUTHORS_FILES = {"conv": "KNOWN_Conv.h5", "fc": "KNOWN_FC.h5", "bias": "KNOWN_Bias.h5"}
 

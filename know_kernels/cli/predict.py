@@ -7,10 +7,10 @@ import os
 
 from tqdm import tqdm
 
-from ..baselines import DEFAULT_LAMBDA
-from ..nowcast import BACKENDS, PRECISIONS
-from ..predict import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE
-from ..streaming import predict_files
+from ..kernels.baselines import DEFAULT_LAMBDA
+from ..kernels.nowcast import BACKENDS, PRECISIONS
+from ..pipeline.predict import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE
+from ..io.streaming import predict_files
 
 OUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 

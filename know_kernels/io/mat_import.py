@@ -11,7 +11,7 @@ arrays column-major and HDF5 row-major, so h5py shows every dataset with its dim
 reversed: (7, N, 3, 3), (7, M), (7, K) — the stage axis comes first.  This importer reads
 that h5py view: every element of the remaining axes becomes one row, and the stage axis is
 flipped into this package's column order (column 0 = full data = Θ^0, see
-:mod:`know_kernels.store`).  The rows carry no parameter names; each head's param table
+:mod:`know_kernels.io.store`).  The rows carry no parameter names; each head's param table
 holds one entry named after its dataset with its MATLAB shape without the stage axis.
 
 Run settings come from the file name: tokens separated by ``_`` of the form ``r<float>``,
@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .fileio import PathLike, open_hdf5
+from ..fileio import PathLike, open_hdf5
 from .store import MetaDataset, Trajectory
 
 MAT_HEADS = {"ConvWeights": ("conv", 4), "FCWeights": ("fc", 2), "Bias": ("bias", 2)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import PathLike, open_hdf5
+from ..fileio import PathLike, open_hdf5
 
 _ROLE_OF_LAYER = {}
 for _i, _role in enumerate(("1", "d", "a", "b", "c", "2")):

@@ -4,7 +4,7 @@ gathers them.
 **Trajectory file** (``<run>.safetensors``, written atomically, memory-mapped on read):
 
 * one tensor per KNOWN head present (``conv``, ``fc``, ``bias``; routed with
-  :func:`know_kernels.routing.route_state`, default rule unless told otherwise), shape
+  :func:`know_kernels.known.routing.route_state`, default rule unless told otherwise), shape
   (N_head, S), float32 or bfloat16;
 * optionally ``subset.d0_indices`` (int64: the dataset indices of D^0) and ``subset.depth``
   (uint8: for each D^0 element, the last stage whose subset holds it, so D^i =
@@ -35,8 +35,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .fileio import PathLike, save_safetensors, write_json
-from .routing import HEADS, Route, route_state
+from ..fileio import PathLike, save_safetensors, write_json
+from ..known.routing import HEADS, Route, route_state
 
 TRAJECTORY_FORMAT = "know-kernels/trajectory/1"
 INDEX_FORMAT = "know-kernels/meta-dataset/1"
@@ -289,7 +289,7 @@ class MetaDataset:
 
     def register(self, run_id: str) -> dict:
         """Index the trajectory file already written at ``run_path(run_id)`` (by ``add`` or
-        by a :class:`~know_kernels.recorder.StageRecorder`)."""
+        by a :class:`~know_kernels.io.recorder.StageRecorder`)."""
         reader = TrajectoryFile(self.run_path(run_id))
         write_json(reader.meta, self.root / f"{run_id}.json")
         dtype_name = _dtype_name(reader.read(next(iter(reader.heads)), 0, 1).dtype)

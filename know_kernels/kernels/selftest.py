@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .heads import KNOWNHead
+from ..known.heads import KNOWNHead
 from .nowcast import BACKENDS, backend_status, nowcast
 from .reference import nowcast_ref
 

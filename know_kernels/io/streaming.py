@@ -45,14 +45,14 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .baselines import DEFAULT_LAMBDA
-from .distributed import Comm, communicator, split
-from .fileio import CHECKPOINT_SUFFIXES, atomic_path, load_state_dict, save_safetensors
-from .heads import KNOWN
-from .predict import (DEFAULT_CHUNK_ROWS, Segment, batches, check_arguments, check_consistent,
+from ..kernels.baselines import DEFAULT_LAMBDA
+from ..pipeline.distributed import Comm, communicator, split
+from ..fileio import CHECKPOINT_SUFFIXES, atomic_path, load_state_dict, save_safetensors
+from ..known.heads import KNOWN
+from ..pipeline.predict import (DEFAULT_CHUNK_ROWS, Segment, batches, check_arguments, check_consistent,
                       dtype_groups, group_by_head, nonfinite_error, predict_rows,
                       resolve_known)
-from .routing import Route, route_state
+from ..known.routing import Route, route_state
 
 PathLike = Union[str, os.PathLike]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from ... import _ext
 from ..l1 import check_run_args
 from .nowcast_cpu import DTYPE_NAMES, check_tensors, isa
 

@@ -19,15 +19,15 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from .baselines import extrapolate
-from .fileio import PathLike, atomic_path
+from ..kernels.baselines import extrapolate
+from ..fileio import PathLike, atomic_path
 from .forgetting import derive_seed
-from .heads import KNOWN, KNOWNHead
-from .l1 import check_loss_space, l1_loss
-from .nowcast import BACKENDS, nowcast
-from .reference import check_norm
-from .routing import HEADS
-from .store import MetaDataset
+from ..known.heads import KNOWN, KNOWNHead
+from ..kernels.l1 import check_loss_space, l1_loss
+from ..kernels.nowcast import BACKENDS, nowcast
+from ..kernels.reference import check_norm
+from ..known.routing import HEADS
+from ..io.store import MetaDataset
 
 
 @dataclass

@@ -34,13 +34,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .backbone import classifier_keys, load_backbone
-from .baselines import DEFAULT_LAMBDA
+from ..kernels.baselines import DEFAULT_LAMBDA
 from .data import DataSplit
 from .forgetting import (OPTIMIZERS, NonFiniteLossError, check_positive, make_optimizer,
                          train_steps, check_r, derive_seed, evaluate)
-from .fileio import PathLike, atomic_path
-from .heads import KNOWN
-from .predict import METHODS, Checkpoint, load_checkpoints, predict
+from ..fileio import PathLike, atomic_path
+from ..known.heads import KNOWN
+from ..pipeline.predict import METHODS, Checkpoint, load_checkpoints, predict
 from .probe import LinearProbe, candidate_features, fit_probe
 
 NAIVE = "naive"
@@ -125,7 +125,7 @@ def know_candidates(checkpoints: Sequence[Checkpoint], *, r: float,
                     forgotten: bool = True) -> list[Candidate]:
     """Θ^0 (naive transfer), Θ^1 (with ``forgotten``: r·|D^0| data, to show what less data
     costs) and every method's Θ̂^{-1} … Θ̂^{-steps}, from [Θ^0, …, Θ^{S-1}] (paper order).
-    ``known=None`` predicts with the shipped KNOWN, as :func:`~know_kernels.predict.predict`."""
+    ``known=None`` predicts with the shipped KNOWN, as :func:`~know_kernels.pipeline.predict.predict`."""
     r = check_r(r)
     methods = check_methods(methods)
     states, _ = load_checkpoints(checkpoints)
@@ -364,7 +364,7 @@ def transfer(candidates: Sequence[Candidate], model_fn: Callable[[], nn.Module],
              task: DataSplit, *, in_shape: Sequence[int], seeds: Union[int, Sequence[int]] = 5,
              recipe: Recipe = FineTune(), calibration: Optional[torch.Tensor] = None,
              device="cpu", progress: bool = False) -> TransferResult:
-    """Fine-tune (:class:`FineTune`) or linearly probe (:class:`~know_kernels.probe.LinearProbe`)
+    """Fine-tune (:class:`FineTune`) or linearly probe (:class:`~know_kernels.research.probe.LinearProbe`)
     every candidate on ``task`` with every seed (paired, see the module doc).
 
     ``model_fn()`` builds the downstream network (``task.num_classes`` outputs) whose

@@ -48,7 +48,7 @@ REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def _kernel_module(name: str, op: str = "nowcast"):
-    return importlib.import_module(f"know_kernels.ops.{op}_{name}")
+    return importlib.import_module(f"know_kernels.kernels.ops.{op}_{name}")
 
 
 def backend_status(name: str, device: torch.device | str = "cpu", *,

@@ -2,7 +2,7 @@
 
 KNOW claims to give weights "as if trained on more data".  Whether a downstream task can see
 that at all is measured by training the real thing: the same network, the same
-initialisation, the same pretraining recipe (:func:`know_kernels.forgetting.pretrain`, to
+initialisation, the same pretraining recipe (:func:`know_kernels.research.forgetting.pretrain`, to
 convergence), on nested supersets D^{-k} ⊃ D^0 of ``factor`` × |D^0| images.  Its rows say
 how much real extra data is worth on the task, and every method's gain is read as a
 fraction of it.  A task on which twice the data does not beat Θ^0 cannot measure

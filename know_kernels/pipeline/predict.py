@@ -15,11 +15,11 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .baselines import DEFAULT_LAMBDA, METHODS as BASELINES, extrapolate
-from .fileio import load_state_dict
-from .heads import KNOWN, PRETRAINED
-from .nowcast import check_precision, nowcast
-from .routing import Route, route_state
+from ..kernels.baselines import DEFAULT_LAMBDA, METHODS as BASELINES, extrapolate
+from ..fileio import load_state_dict
+from ..known.heads import KNOWN, PRETRAINED
+from ..kernels.nowcast import check_precision, nowcast
+from ..known.routing import Route, route_state
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 NONFINITE = ("error", "passthrough")
@@ -171,7 +171,7 @@ def predict(checkpoints: Sequence[Checkpoint], known: Optional[KNOWN] = None, *,
     same routing.  ``precision`` is ``nowcast``'s (the GPU tensor-core modes "tf32" and
     "bf16" trade accuracy for speed).  ``nonfinite="passthrough"`` keeps rows holding
     NaN/Inf at their Θ^0 value instead of refusing them.  ``progress`` is called with the number of rows done.
-    Everything is held in memory; ``know_kernels.streaming.predict_files`` streams files.
+    Everything is held in memory; ``know_kernels.io.streaming.predict_files`` streams files.
     """
     known = resolve_known(method, known)[0]
     check_arguments(method=method, nonfinite=nonfinite, steps=steps,

@@ -28,7 +28,7 @@ from ..reference import check_norm
 from . import require_runnable
 
 try:
-    from .. import _cuda
+    from ... import _cuda
     _IMPORT_ERROR = ""
 except ImportError as exc:  # built without nvcc, or a broken build
     _cuda = None
@@ -133,7 +133,7 @@ def launch_tuned(key: tuple[int, bool, int], launch: Callable[[int], None], can_
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int] = None, mode: str = "precise",
         blocks_per_sm: Optional[int] = None) -> None:
-    """Backend entry point (see ``know_kernels.nowcast``); ``threads`` is a CPU-backend
+    """Backend entry point (see ``know_kernels.kernels.nowcast``); ``threads`` is a CPU-backend
     notion and is ignored; ``mode`` and ``blocks_per_sm`` are described in the module
     docstring."""
     del threads

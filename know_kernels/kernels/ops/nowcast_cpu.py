@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
+from ... import _ext
 
 ISA_ENV = "KNOW_KERNELS_ISA"
 ISAS = ("avx512", "avx2", "portable")

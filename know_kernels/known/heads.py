@@ -16,14 +16,14 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from .fileio import PathLike, save_safetensors
-from .reference import (BOTTLENECK, HIDDEN, OUT_HIDDEN, STREAM_ROLES, check_norm,
+from ..fileio import PathLike, save_safetensors
+from ..kernels.reference import (BOTTLENECK, HIDDEN, OUT_HIDDEN, STREAM_ROLES, check_norm,
                         num_params, param_shapes, residual_ref, step_ref)
 from .routing import HEADS
 
 FORMAT = "know-kernels/1"
 # The weights shipped with the package (see MODEL_CARD.md for how they were made).
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED_S = (3, 4, 5)
 
 

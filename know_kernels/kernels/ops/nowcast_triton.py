@@ -337,7 +337,7 @@ def check_rows(rows: torch.Tensor, S: int) -> None:
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int] = None,
         input_precision: str = "ieee") -> None:
-    """Backend entry point (see ``know_kernels.nowcast``).  ``threads`` is a CPU-backend
+    """Backend entry point (see ``know_kernels.kernels.nowcast``).  ``threads`` is a CPU-backend
     notion and is ignored; ``input_precision`` is described in the module docstring."""
     del threads
     check_norm(norm)

@@ -1,15 +1,15 @@
 """The KNOW pipeline end to end on small embedded data (``know demo``).
 
 1. Pretrain Θ^0, a small ResNet, on Fashion-MNIST's classes 0–4 (a random D^0 of 2,000
-   images) **to convergence** (:class:`~know_kernels.forgetting.Convergence`, checked on
+   images) **to convergence** (:class:`~know_kernels.research.forgetting.Convergence`, checked on
    held-out source images).
 2. The yardstick: the same recipe, same initialisation, on nested D^{-1} ⊃ D^0 and
-   D^{-2} ⊃ D^{-1} with 2× and 4× the images (:mod:`know_kernels.more_data`).
+   D^{-2} ⊃ D^{-1} with 2× and 4× the images (:mod:`know_kernels.research.more_data`).
 3. Progressive forgetting, r = 0.5, S = 5 snapshots: Θ^1 … Θ^4 on D^1 ⊃ … ⊃ D^4, each
    stage with the budget of one pass over D^0, so the small subsets are over-fitted.
 4. Predict Θ̂^{-1}, Θ̂^{-2}, Θ̂^{-3} (×2, ×4, ×8) with KNOWN and every baseline.
-5. Linear probes (:mod:`know_kernels.probe`) of every starting point on two data-scarce
-   downstream tasks over paired seeds (:mod:`know_kernels.transfer`): scikit-learn's digits
+5. Linear probes (:mod:`know_kernels.research.probe`) of every starting point on two data-scarce
+   downstream tasks over paired seeds (:mod:`know_kernels.research.transfer`): scikit-learn's digits
    (resized to 28×28) and the held-out Fashion-MNIST classes 5–9.
 6. Write results.json, results.md (opening with a verdict computed from the numbers) and
    results.png into the output directory, atomically.
@@ -30,13 +30,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .data import load_dataset
-from .fileio import PathLike, atomic_path, write_json
+from ..fileio import PathLike, atomic_path, write_json
 from .forgetting import check_r, check_stages, derive_seed, progressive_forgetting
-from .heads import KNOWN
+from ..known.heads import KNOWN
 from .more_data import PretrainRecipe, more_data_candidates, nested_prefixes
-from .predict import group_by_head
+from ..pipeline.predict import group_by_head
 from .probe import LinearProbe
-from .routing import route_state
+from ..known.routing import route_state
 from .transfer import (PAPER_ORDER, Candidate, FineTune, check_input_shape,
                        check_methods, check_seeds, format_table, know_candidates,
                        plot_results, select_classes, transfer)

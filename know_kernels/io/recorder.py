@@ -26,8 +26,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .forgetting import state_refs
-from .routing import HEADS, Route, route_state
+from ..research.forgetting import state_refs
+from ..known.routing import HEADS, Route, route_state
 from .store import META_KEY, TRAJECTORY_FORMAT, MetaDataset, store_dtype
 from .streaming import OutFile
 

@@ -11,7 +11,7 @@ Two ways in:
           if stage > 0:                     # Θ^0 is the model you start from
               my_fine_tune(model, torch.utils.data.Subset(train_set, indices))
           schedule.record(stage, model, test_acc=my_eval(model))
-      trajectory = schedule.trajectory()    # -> know_kernels.store.Trajectory
+      trajectory = schedule.trajectory()    # -> know_kernels.io.store.Trajectory
 
 * :func:`progressive_forgetting`, a ready plain-PyTorch loop that (optionally) trains Θ^0 on
   D^0 with a cosine schedule, then fine-tunes Θ^{i-1} on D^i for every later stage.
@@ -33,8 +33,8 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from .routing import Route
-from .store import Trajectory
+from ..known.routing import Route
+from ..io.store import Trajectory
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -205,7 +205,7 @@ class ForgettingSchedule:
 
     def trajectory(self, route: Route = None, dtype=torch.float32) -> Trajectory:
         """The recorded snapshots flattened per KNOWN head, with the run's metadata and the
-        subset indices (column i = Θ^i, see :mod:`know_kernels.store`)."""
+        subset indices (column i = Θ^i, see :mod:`know_kernels.io.store`)."""
         if not self.complete:
             raise ValueError(f"only {len(self.snapshots)} of {self.stages} stages recorded")
         traj = Trajectory.from_snapshots(self.snapshots, route, dtype, self.metadata())
