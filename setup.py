@@ -81,6 +81,8 @@ setup(
         "triton": ["triton>=3.4"],
         "data": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+        # know_kernels.integrations; transformers' Trainer refuses to run without accelerate.
+        "integrations": ["transformers>=4.46", "accelerate>=1.1.0", "lightning>=2.0"],
     },
     entry_points={"console_scripts": ["know=know_kernels.cli:main"]},
     ext_modules=ext_modules,

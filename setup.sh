@@ -10,7 +10,7 @@ $PIP install -q --upgrade pip
 # The CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
 $PIP install -q "torch==2.13.0"
 $PIP install -q setuptools wheel pybind11 cmake ninja
-$PIP install -q --no-build-isolation -e ".[test,triton,data]"
+$PIP install -q --no-build-isolation -e ".[test,triton,data,integrations]"
 # Fashion-MNIST for `know demo` (Debian's package; nothing is downloaded at run time).
 # Best effort: without root or passwordless sudo, say how and carry on.
 FMNIST=/usr/share/datasets/fashion-mnist

@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_nowcast_gpu import cuda_ms, print_provenance  # noqa: E402
+from bench_nowcast_gpu import print_provenance  # noqa: E402
+from cuda_timing import cuda_ms  # noqa: E402
 from know_kernels import KNOWNHead  # noqa: E402
 from know_kernels.research.metatrain import MetaTrainConfig  # noqa: E402
 from know_kernels.kernels.packing import pack, packed_size  # noqa: E402

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from know_kernels import KNOWNHead  # noqa: E402
 from know_kernels.kernels.nowcast import backend_status  # noqa: E402
-from know_kernels.kernels.ops.nowcast_cuda import cuda_ms  # noqa: E402
 from know_kernels.kernels.packing import fold, pack  # noqa: E402
 from know_kernels.kernels.reference import nowcast_ref, normalise  # noqa: E402
+from cuda_timing import cuda_ms  # noqa: E402
 from provenance import commit  # noqa: E402
 
 S = 5

@@ -43,8 +43,9 @@ from provenance import commit  # noqa: E402
 
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.kernels.nowcast import resolve_backend  # noqa: E402
-from know_kernels.pipeline.predict import DEFAULT_CHUNK_ROWS, METHODS, predict_rows  # noqa: E402
-from know_kernels.io.streaming import OutFile, plan_shards, write_index  # noqa: E402
+from know_kernels.io.sinks import OutFile, plan_shards, write_index  # noqa: E402
+from know_kernels.pipeline.options import DEFAULT_CHUNK_ROWS, METHODS, Options  # noqa: E402
+from know_kernels.pipeline.run import predict_rows  # noqa: E402
 
 S = 5
 DTYPE = torch.bfloat16
@@ -146,14 +147,14 @@ def run_in_memory(args, known, rows_total: int) -> dict:
     drift = torch.randn(rows_total, 1) * 1e-3
     rows = (base + drift * torch.arange(S - 1, -1, -1, dtype=torch.float32)).to(DTYPE)
     del base, drift
-    kw = dict(method=args.method, known=known, steps=1, lam=0.2, backend=args.backend,
-              threads=args.threads, nonfinite="error")
-    predict_rows(rows[:1024], "fc", **kw)  # warm-up: first-call costs
+    options = Options(method=args.method, steps=1, lam=0.2, backend=args.backend,
+                      threads=args.threads, nonfinite="error")
+    predict_rows(rows[:1024], "fc", known, options)  # warm-up: first-call costs
     best = float("inf")
     for _ in range(args.repeat):
         start = time.perf_counter()
         for at in range(0, rows_total, args.chunk_rows):
-            predict_rows(rows[at:at + args.chunk_rows], "fc", **kw)
+            predict_rows(rows[at:at + args.chunk_rows], "fc", known, options)
         best = min(best, time.perf_counter() - start)
     return {"rows": rows_total, "seconds": best, "rows_per_s": rows_total / best}
 

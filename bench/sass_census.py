@@ -215,7 +215,7 @@ def triton_kernels(arch: int, precisions: list[str]) -> None:
                 if maxnreg is not None:
                     options["maxnreg"] = maxnreg
                 compiled = triton.compile(
-                    ASTSource(fn=nt._kernel().fn, constexprs=constexprs,
+                    ASTSource(fn=nt.kernel().fn, constexprs=constexprs,
                               signature={**signature, **{k: "constexpr" for k in constexprs}}),
                     target=GPUTarget("cuda", arch, 32), options=options)
                 cubin = Path(tmp) / "kernel.cubin"

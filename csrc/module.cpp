@@ -1,5 +1,6 @@
-// know_kernels._C: the CPU side of know-kernels.  It never links against torch: the
-// Python wrappers validate tensors and pass raw pointers, so one build serves any torch.
+// know_kernels._C: the CPU side of know-kernels.  It never links against torch: the Python
+// wrappers pass raw pointers, so one build serves any torch.  Arguments come in the form
+// kernel_abi.h describes, shared with know_kernels._cuda.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
@@ -10,6 +11,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/nowcast_dispatch.h"
+#include "kernel_abi.h"
 
 namespace py = pybind11;
 
@@ -17,15 +19,14 @@ namespace {
 
 // The fields the kernels' argument structs share, from a binding's arguments.
 template <class Args>
-void set_rows_and_head(Args& a, uintptr_t rows, const std::string& in_dtype, int64_t n_rows,
-                       int S, uintptr_t packed, int64_t packed_size, const std::string& norm) {
+void set_rows_and_head(Args& a, uintptr_t rows, int rows_dtype, uintptr_t packed, int64_t n,
+                       int S, bool wnn) {
   a.rows = reinterpret_cast<const void*>(rows);
-  a.in_dtype = know::parse_dtype(in_dtype, "in_dtype");
-  a.n_rows = n_rows;
-  a.S = S;
+  a.rows_dtype = know::dtype_from_code(rows_dtype);
   a.packed = reinterpret_cast<const float*>(packed);
-  a.packed_size = packed_size;
-  a.norm = know::parse_norm(norm);
+  a.n_rows = n;
+  a.S = S;
+  a.wnn = wnn;
 }
 
 }  // namespace
@@ -47,51 +48,52 @@ PYBIND11_MODULE(_C, m) {
   m.def("best_isa", &know::best_isa, "Best instruction set usable here.");
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
 
+  py::dict codes;
+  for (const know::DTypeName& d : know::kDTypeNames) codes[d.name] = int(d.code);
+  m.attr("DTYPE_CODES") = codes;
+
   m.def(
       "nowcast",
-      [](uintptr_t rows, const std::string& in_dtype, int64_t n_rows, int S, uintptr_t packed,
-         int64_t packed_size, const std::string& norm, int steps, bool all_steps, uintptr_t out,
-         const std::string& out_dtype, int threads, const std::string& isa, int64_t row_begin,
-         std::optional<int64_t> row_end) {
+      [](uintptr_t rows, int rows_dtype, uintptr_t packed, uintptr_t out, int out_dtype,
+         int64_t n, int S, bool wnn, int steps, bool all_steps, int threads,
+         const std::string& isa, int64_t row_begin, std::optional<int64_t> row_end) {
         know::NowcastArgs a;
-        set_rows_and_head(a, rows, in_dtype, n_rows, S, packed, packed_size, norm);
+        set_rows_and_head(a, rows, rows_dtype, packed, n, S, wnn);
+        a.out = reinterpret_cast<void*>(out);
+        a.out_dtype = know::dtype_from_code(out_dtype);
         a.steps = steps;
         a.all_steps = all_steps;
-        a.out = reinterpret_cast<void*>(out);
-        a.out_dtype = know::parse_dtype(out_dtype, "out_dtype");
         a.threads = threads;
         a.row_begin = row_begin;
-        a.row_end = row_end.value_or(n_rows);
+        a.row_end = row_end.value_or(n);
         know::nowcast(a, isa);
       },
-      py::arg("rows"), py::arg("in_dtype"), py::arg("n_rows"), py::arg("S"), py::arg("packed"),
-      py::arg("packed_size"), py::arg("norm"), py::arg("steps"), py::arg("all_steps"),
-      py::arg("out"), py::arg("out_dtype"), py::arg("threads"), py::arg("isa"),
-      py::arg("row_begin") = 0, py::arg("row_end") = py::none(),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("steps"),
+      py::arg("all_steps"), py::arg("threads"), py::arg("isa"), py::arg("row_begin") = 0,
+      py::arg("row_end") = py::none(), py::call_guard<py::gil_scoped_release>(),
       "Fused KNOWN prediction of rows [row_begin, row_end) (default: all) of a contiguous "
-      "(n_rows, S) array at address rows, into out ((n_rows, steps) if all_steps else "
-      "(n_rows,)).  Addresses are raw pointers; see know_kernels/ops/nowcast_cpu.py.");
+      "(n, S) array at address rows, into out ((n, steps) if all_steps else (n,)).  "
+      "Addresses are raw pointers; see know_kernels/kernels/ops/nowcast_cpu.py.");
   m.def(
-      "l1",
-      [](uintptr_t rows, const std::string& in_dtype, int64_t n_rows, int S, uintptr_t target,
-         uintptr_t packed, int64_t packed_size, const std::string& norm,
-         const std::string& loss_space, uintptr_t grad, int threads, const std::string& isa) {
+      "l1_loss",
+      [](uintptr_t rows, int rows_dtype, uintptr_t target, uintptr_t packed, uintptr_t grad,
+         int64_t n, int S, bool wnn, bool normalised, int threads, const std::string& isa) {
         know::L1Args a;
-        set_rows_and_head(a, rows, in_dtype, n_rows, S, packed, packed_size, norm);
+        set_rows_and_head(a, rows, rows_dtype, packed, n, S, wnn);
         a.target = reinterpret_cast<const float*>(target);
-        a.normalised_loss = know::parse_loss_space(loss_space);
         a.grad = reinterpret_cast<float*>(grad);
+        a.normalised = normalised;
         a.threads = threads;
         return know::l1(a, isa);
       },
-      py::arg("rows"), py::arg("in_dtype"), py::arg("n_rows"), py::arg("S"), py::arg("target"),
-      py::arg("packed"), py::arg("packed_size"), py::arg("norm"), py::arg("loss_space"),
-      py::arg("grad"), py::arg("threads"), py::arg("isa"),
-      py::call_guard<py::gil_scoped_release>(),
-      "Fused L1 training step over a contiguous (n_rows, S) array at address rows against "
-      "n_rows float32 targets: writes d(sum |e|)/d(packed) to grad (packed_size floats) and "
-      "returns sum |e|.  Addresses are raw pointers; see know_kernels/ops/l1_cpu.py.");
+      py::arg("rows"), py::arg("rows_dtype"), py::arg("target"), py::arg("packed"),
+      py::arg("grad"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("normalised"),
+      py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
+      "Fused L1 training step over a contiguous (n, S) array at address rows against n "
+      "float32 targets: writes d(sum |e|)/d(packed) to grad (packing.packed_size(S) floats) "
+      "and returns sum |e|.  Addresses are raw pointers; see "
+      "know_kernels/kernels/ops/l1_cpu.py.");
   m.def("nowcast_tile_rows", &know::nowcast_tile_rows, py::arg("isa"),
         "Rows per tile of the fused kernel for one instruction set.");
   m.def("compiled_isas", &know::compiled_isas,

@@ -4,14 +4,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 
 PathLike = Union[str, os.PathLike]
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# .bin: Hugging Face's torch checkpoints; .ckpt: Lightning's (its state_dict entry is taken).
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (".safetensors",)
+# torch colours parts of its weights-only refusal; a message for a log or a terminal has none.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _read_umask() -> int:
@@ -59,7 +64,9 @@ def open_hdf5(path: PathLike, what: str, expected: str):
 
 
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """A flat state dict from ``.pt``/``.pth`` (weights_only) or ``.safetensors``."""
+    """A flat state dict from a torch checkpoint (``TORCH_SUFFIXES``, loaded weights-only;
+    a ``state_dict`` entry, as Lightning's ``.ckpt`` has, is taken and the rest ignored) or
+    from ``.safetensors``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -69,18 +76,31 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises several unrelated types
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if path.suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({exc})") from exc
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path}: expected a state dict of tensors")
-        return dict(obj)
-    raise ValueError(f"{path}: unsupported checkpoint type {path.suffix!r}; "
-                     f"use one of {CHECKPOINT_SUFFIXES}")
+    if path.suffix not in TORCH_SUFFIXES:
+        raise ValueError(f"{path}: unsupported checkpoint type {path.suffix!r}; "
+                         f"use one of {CHECKPOINT_SUFFIXES}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a weights-only torch checkpoint "
+                         f"({_torch_load_reason(exc)})") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return dict(obj)
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """torch.load's reason in one plain line: for a pickled object (a whole nn.Module, say)
+    the global it refused, not its advice on loading untrusted code."""
+    text = _ANSI.sub("", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it holds a pickled {found.group(1)}, which weights-only loading refuses; "
+                f"save model.state_dict() instead")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: PathLike,
@@ -89,6 +109,34 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: PathLike,
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def read_at(fd: int, out: torch.Tensor, offset: int, what: str) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of ``fd`` from ``offset`` by
+    positional reads (no memory map: nothing read stays resident); ``what`` names the data
+    in the error when the file ends first."""
+    view = memoryview(out.view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ValueError(f"{what}: the file ends at byte {offset + done} (truncated?)")
+        done += got
+
+
+def write_at(fd: int, data: torch.Tensor, offset: int) -> int:
+    """Write the contiguous CPU tensor ``data`` at ``offset`` of ``fd``; returns its bytes."""
+    view = memoryview(data.view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def listing(names: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def write_json(obj, path: PathLike) -> None:

@@ -8,7 +8,7 @@ practice a GPU:
 
 1. Θ^0: ResNet18 trained on CIFAR-100's training images less 5,000 held out (D^0 = 45,000),
    SGD, cosine cycles until the held-out accuracy stops improving (the convergence
-   criterion of know_kernels.research.forgetting.Convergence, recorded in results.json).
+   criterion of know_kernels.research.training.Convergence, recorded in results.json).
 2. Progressive forgetting, r = 0.5, S = 5: Θ^1 … Θ^4 fine-tuned on 22,500 … 2,812 images,
    each stage for the same budget (--stage-budget × |D^0| samples), so the small subsets
    are revisited and over-fitted: the model forgets.
@@ -47,9 +47,9 @@ from know_kernels import KNOWN  # noqa: E402
 from know_kernels.research.data import DataSplit, load_dataset  # noqa: E402
 from know_kernels.fileio import atomic_path, save_safetensors, write_json  # noqa: E402
 from know_kernels.research.forgetting import progressive_forgetting  # noqa: E402
+from know_kernels.research.report import format_table, plot_results  # noqa: E402
 from know_kernels.research.transfer import (PAPER_ORDER, FineTune, check_methods, check_seeds,  # noqa: E402
-                                   format_table, know_candidates, plot_results, select_classes,
-                                   transfer)
+                                            know_candidates, select_classes, transfer)
 from know_kernels.research.zoo import count_parameters, resnet  # noqa: E402
 
 RESNET18_BLOCKS = (2, 2, 2, 2)

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.research.data import load_dataset  # noqa: E402
 from know_kernels.fileio import save_safetensors  # noqa: E402
-from know_kernels.research.forgetting import Convergence, ForgettingSchedule, evaluate  # noqa: E402
+from know_kernels.research.forgetting import ForgettingSchedule  # noqa: E402
 from know_kernels.pipeline.predict import predict  # noqa: E402
 from know_kernels.research.probe import LinearProbe  # noqa: E402
-from know_kernels.research.transfer import (format_table, know_candidates,  # noqa: E402
-                                   plot_results, select_classes, transfer)
+from know_kernels.research.report import format_table, plot_results  # noqa: E402
+from know_kernels.research.training import Convergence, top1_accuracy  # noqa: E402
+from know_kernels.research.transfer import know_candidates, select_classes, transfer  # noqa: E402
 from know_kernels.research.zoo import build_model  # noqa: E402
 
 R = 0.5  # each forgetting stage keeps half of the previous subset
@@ -94,7 +95,7 @@ def main() -> int:
     criterion, history, lr = Convergence(), [], 2e-3
     for cycle in range(criterion.max_cycles):
         train(model, Subset(source.train, d0.tolist()), epochs * (d0_size // 64), lr, 64,
-              seed=cycle, cosine=True, on_epoch=lambda: history.append(evaluate(model, val)))
+              seed=cycle, cosine=True, on_epoch=lambda: history.append(top1_accuracy(model, val)))
         if criterion.holds(history):
             break
         lr /= 2
@@ -106,7 +107,7 @@ def main() -> int:
         if stage > 0:
             train(model, Subset(source.train, indices.tolist()), d0_size // 32, 1e-3, 32,
                   seed=stage, cosine=False)
-        acc = evaluate(model, source.test)
+        acc = top1_accuracy(model, source.test)
         schedule.record(stage, model, test_acc=acc)
         print(f"Θ^{stage}: |D^{stage}| = {len(indices):5d}, source test accuracy {100 * acc:.1f}%")
 

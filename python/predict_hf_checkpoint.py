@@ -34,8 +34,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
-from know_kernels.pipeline.predict import DEFAULT_CHUNK_ROWS, METHODS  # noqa: E402
-from know_kernels.io.streaming import load_into, predict_files, save_sharded  # noqa: E402
+from know_kernels import load_into, predict_files  # noqa: E402
+from know_kernels.io.sinks import save_sharded  # noqa: E402
+from know_kernels.pipeline.options import DEFAULT_CHUNK_ROWS, METHODS  # noqa: E402
 
 S = 5
 
@@ -136,7 +137,7 @@ def main() -> int:
             print(f"loaded {outputs[0].name} into TinyLM; forward pass gives {tuple(logits.shape)}"
                   f" logits, all finite: {bool(torch.isfinite(logits).all())}")
         else:
-            print("load in training code with know_kernels.io.streaming.load_into(model, "
+            print("load in training code with know_kernels.load_into(model, "
                   f"{str(outputs[0])!r}), or from_pretrained on that directory")
     return 0
 

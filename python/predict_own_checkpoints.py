@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.research.data import load_dataset  # noqa: E402
 from know_kernels.fileio import save_safetensors  # noqa: E402
-from know_kernels.research.forgetting import evaluate, progressive_forgetting  # noqa: E402
-from know_kernels.pipeline.predict import METHODS, load_checkpoints, predict  # noqa: E402
+from know_kernels.research.forgetting import progressive_forgetting  # noqa: E402
+from know_kernels.research.training import top1_accuracy  # noqa: E402
+from know_kernels.pipeline.options import METHODS  # noqa: E402
+from know_kernels.pipeline.predict import load_checkpoints, predict  # noqa: E402
 from know_kernels.research.zoo import build_model  # noqa: E402
 
 
@@ -63,10 +65,18 @@ def main() -> int:
     ap.add_argument("--keep", action="append", default=[], metavar="GLOB",
                     help="state-dict names to copy from Θ^0 unpredicted (repeatable), "
                          "e.g. a classifier you will replace anyway")
+    ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = ap.parse_args()
     demo = not args.checkpoints
     if not demo and args.out is None:
         ap.error("--out is required with checkpoint paths")
+    if args.out is not None and not args.force:
+        existing = [p for k in range(1, args.steps + 1)
+                    if (p := Path(args.out) / f"know_step{k}.safetensors").exists()]
+        if existing:
+            print(f"{ap.prog}: error: {existing[0]} exists; pass --force to overwrite it",
+                  file=sys.stderr)
+            return 2
 
     with tempfile.TemporaryDirectory(prefix="know-own-") as tmp:
         if demo:
@@ -76,9 +86,7 @@ def main() -> int:
         if args.method == "known":
             known = KNOWN.pretrained() if args.known is None else KNOWN.load(args.known)
         states, _ = load_checkpoints(args.checkpoints)
-        # A route maps glob patterns to a head or None (None: copy Θ^0's value).
-        route = {pattern: None for pattern in args.keep} or None
-        predicted = predict(states, known, steps=args.steps, method=args.method, route=route)
+        predicted = predict(states, known, steps=args.steps, method=args.method, keep=args.keep)
         out = Path(args.out)
         for k, state in enumerate(predicted, 1):
             path = out / f"know_step{k}.safetensors"
@@ -93,7 +101,7 @@ def main() -> int:
             model = build_model("cnn", digits.in_shape, digits.num_classes, width=4)
             model.load_state_dict(predicted[0])  # strict: every name and shape must match
             print(f"loaded know_step1 into the CNN: test accuracy before any fine-tuning "
-                  f"{100 * evaluate(model, digits.test):.1f}%")
+                  f"{100 * top1_accuracy(model, digits.test):.1f}%")
     return 0
 
 

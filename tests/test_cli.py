@@ -13,7 +13,7 @@ from test_predict import forgetting_checkpoints
 
 # The package exports functions under these modules' names.
 nowcast_module = importlib.import_module("know_kernels.kernels.nowcast")
-predict_module = importlib.import_module("know_kernels.pipeline.predict")
+run_module = importlib.import_module("know_kernels.pipeline.run")
 
 
 @pytest.fixture
@@ -75,12 +75,12 @@ def test_predict_never_overwrites_an_input(setup, capsys):
 def test_predict_errors_are_clear(setup, capsys):
     _, paths, kpath, _, tmp = setup
     assert main(["predict", *paths[:4], "--out", str(tmp / "o"), "--known", kpath, "--quiet"]) == 2
-    assert "S=5 snapshots but 4 checkpoints" in capsys.readouterr().err
+    assert "takes S=5 checkpoints (Θ^0 … Θ^4, full data first), got 4" in capsys.readouterr().err
     bad = tmp / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["predict", str(bad), *paths[1:], "--out", str(tmp / "o"), "--known", kpath,
                  "--quiet"]) == 2
-    assert "bad.pt: not a readable" in capsys.readouterr().err
+    assert "bad.pt: not a weights-only torch checkpoint" in capsys.readouterr().err
     assert main(["predict", *paths, "--out", str(tmp / "o"), "--known", str(tmp / "nope"),
                  "--quiet"]) == 2
     assert "KNOWN file not found" in capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_predict_with_a_baseline_needs_no_known(setup, capsys):
 
 
 def test_predict_sharded_checkpoints_with_out_dtype(tmp_path, capsys):
-    from know_kernels.io.streaming import save_sharded
+    from know_kernels.io.sinks import save_sharded
     from test_streaming import read_output
     cks = forgetting_checkpoints(dtype=torch.bfloat16)
     paths = [str(save_sharded(ck, tmp_path / f"ck{i}", max_shard_bytes=100))
@@ -159,7 +159,7 @@ def test_predict_precision_option(setup, capsys, monkeypatch):
         seen.append(kw["precision"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(predict_module, "nowcast", spy)
+    monkeypatch.setattr(run_module, "nowcast", spy)
     assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--quiet",
                  "--precision", "bf16"]) == 0
     assert seen and set(seen) == {"bf16"}
@@ -170,3 +170,85 @@ def test_predict_precision_option(setup, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["predict", *paths, "--out", str(tmp / "x"), "--known", kpath, "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_file_as_out_is_a_one_line_error_and_changes_nothing(setup, capsys):
+    _, paths, kpath, _, tmp = setup
+    before, content = tree(tmp), open(paths[0], "rb").read()
+    assert main(["predict", *paths, "--out", paths[0], "--known", kpath, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file; give a directory" in err
+    assert tree(tmp) == before and open(paths[0], "rb").read() == content
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_refused_runs_create_nothing(setup, capsys):
+    cks, _, kpath, _, tmp = setup
+    cks[2]["3.weight"][0, 0] = float("nan")
+    paths = []
+    for i, ck in enumerate(cks):
+        save_file(ck, str(tmp / f"nan{i}.safetensors"))
+        paths.append(str(tmp / f"nan{i}.safetensors"))
+    before = tree(tmp)
+    assert main(["predict", *paths, "--out", str(tmp / "new" / "out"), "--known", kpath,
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    # the CLI names its own flag, not the Python argument
+    assert "--nonfinite passthrough" in err and "nonfinite=" not in err
+    assert tree(tmp) == before
+    assert main(["predict", *paths, "--out", str(tmp / "new"), "--backend", "triton",
+                 "--known", kpath, "--quiet"]) == 2
+    assert "backend 'triton' cannot run" in capsys.readouterr().err
+    assert tree(tmp) == before
+
+
+def test_a_pickled_module_gets_a_plain_message(tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    model = str(tmp_path / "model.pt")
+    assert main(["predict", model, model, "--method", "linear", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1
+    assert "pickled torch.nn.modules.linear.Linear" in err and "state_dict()" in err
+
+
+def test_keep_copies_matching_entries_from_theta0(setup, capsys):
+    cks, paths, kpath, known, tmp = setup
+    out = tmp / "out"
+    assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--keep", "3.*",
+                 "--keep", "0.bias", "--quiet"]) == 0
+    got = load_file(str(out / "know_step1.safetensors"))
+    want = predict(cks, known, keep=["3.*", "0.bias"])[0]
+    for name in ("3.weight", "3.bias", "0.bias"):
+        assert torch.equal(got[name], cks[0][name]), name
+    assert not torch.equal(got["0.weight"], cks[0]["0.weight"])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_more_checkpoints_than_S_are_used_from_the_full_data_end(setup, capsys):
+    cks, paths, kpath, known, tmp = setup
+    extra = tmp / "theta5.safetensors"
+    save_file(cks[4], str(extra))
+    with pytest.warns(UserWarning, match="using the first 5"):
+        assert main(["predict", *paths, str(extra), "--out", str(tmp / "o"), "--known", kpath,
+                     "--quiet"]) == 0
+    got = load_file(str(tmp / "o" / "know_step1.safetensors"))
+    assert all(torch.equal(got[n], w) for n, w in predict(cks, known)[0].items())
+
+
+def test_lightning_ckpt_files_are_read(setup, capsys):
+    cks, _, kpath, known, tmp = setup
+    paths = []
+    for i, ck in enumerate(cks):
+        # what Lightning's save_checkpoint writes: the weights under state_dict, and more
+        torch.save({"epoch": i, "global_step": 10 * i, "state_dict": ck,
+                    "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}],
+                    "hyper_parameters": {"width": 3}}, tmp / f"epoch{i}.ckpt")
+        paths.append(str(tmp / f"epoch{i}.ckpt"))
+    assert main(["predict", *paths, "--out", str(tmp / "o"), "--known", kpath, "--quiet"]) == 0
+    got = load_file(str(tmp / "o" / "know_step1.safetensors"))
+    assert all(torch.equal(got[n], w) for n, w in predict(cks, known)[0].items())

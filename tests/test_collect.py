@@ -12,9 +12,10 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from know_kernels.research import zoo
+from know_kernels.research import collection_plan, zoo
 from know_kernels.cli import collect
-from know_kernels.research.forgetting import Convergence, subset_sizes
+from know_kernels.research.forgetting import subset_sizes
+from know_kernels.research.training import Convergence
 
 
 def know(*argv):
@@ -81,9 +82,9 @@ def test_deterministic_per_seed_and_across_worker_processes(tmp_path):
 
 
 def test_validation_images_lie_outside_d0():
-    preset = collect.PRESETS["default"]
+    preset = collection_plan.PRESETS["default"]
     for k, n_train in ((0, 10000), (1, 1438)):
-        draws = collect.draw_settings(preset, 0, k, n_train)
+        draws = collection_plan.draw_settings(preset, 0, k, n_train)
         d0, val = set(draws["d0"].tolist()), set(draws["val"].tolist())
         assert not d0 & val and len(val) == min(1000, n_train // 4)
         assert len(d0) == min(2000, n_train - len(val))
@@ -171,7 +172,7 @@ def test_out_required():
 @pytest.mark.parametrize("name,seed,scale", [("default", 0, "linear"), ("default", 7, "log"),
                                              ("quick", 3, "linear")])
 def test_every_combination_draws_a_learning_rate_from_every_stratum(name, seed, scale):
-    preset = replace(collect.PRESETS[name], lr_scale=scale)
+    preset = replace(collection_plan.PRESETS[name], lr_scale=scale)
     n = preset.lr_strata
     size = len(preset.archs) * len(preset.datasets)
     to_scale = np.log if scale == "log" else (lambda v: v)
@@ -179,11 +180,11 @@ def test_every_combination_draws_a_learning_rate_from_every_stratum(name, seed, 
     edges = np.linspace(lo, hi, n + 1)
     seen = {}
     for k in range(2 * n * size):  # two full groups of n blocks
-        plan = collect.plan_run(preset, seed, k)
-        lr = collect.draw_settings(preset, seed, k, 10000)["lr"]
+        plan = collection_plan.plan_run(preset, seed, k)
+        lr = collection_plan.draw_settings(preset, seed, k, 10000)["lr"]
         assert preset.lr_range[0] <= lr <= preset.lr_range[1]
         stratum = int(np.searchsorted(edges, to_scale(lr), side="right")) - 1
-        assert stratum == collect.lr_stratum(preset, seed, k)
+        assert stratum == collection_plan.lr_stratum(preset, seed, k)
         seen.setdefault((plan["arch"], plan["dataset"], k // (n * size)), []).append(stratum)
     assert len(seen) == 2 * size
     assert all(sorted(strata) == list(range(n)) for strata in seen.values())

@@ -312,6 +312,25 @@ def test_run_refuses_unknown_register_budget():
     from know_kernels.kernels.ops import nowcast_cuda
     if nowcast_cuda._cuda is None:
         pytest.skip("know_kernels._cuda is not built")
-    with pytest.raises(ValueError, match="blocks_per_sm"):
+    with pytest.raises(AssertionError, match="blocks_per_sm"):
         nowcast_cuda.run(torch.zeros(4, 5), torch.zeros(10), S=5, norm="wnn", steps=1,
                          out=torch.zeros(4), blocks_per_sm=3)
+
+
+def test_public_entry_points_refuse_windows_the_kernels_do_not_take():
+    C = _built()
+    from know_kernels.kernels.backends import fused_module
+    for op in ("nowcast", "l1"):
+        assert fused_module("cuda", op, C.MAX_WINDOW).MAX_WINDOW == C.MAX_WINDOW
+        with pytest.raises(ValueError, match=f"up to {C.MAX_WINDOW} snapshots, got S=9"):
+            fused_module("cuda", op, 9)
+
+
+def test_both_modules_take_dtypes_as_the_codes_of_one_table():
+    # DTYPE_CODES above, what the emulated kernels are handed, is csrc/kernel_abi.h's table.
+    from know_kernels._ext import _C
+    from know_kernels.kernels.ops import DTYPE_NAMES
+    codes = {DTYPE_NAMES[dtype]: code for dtype, code in DTYPE_CODES.items()}
+    if _C is not None:
+        assert _C.DTYPE_CODES == codes
+    assert _built().DTYPE_CODES == codes

@@ -11,8 +11,8 @@ import torch.distributed
 
 from know_kernels.cli import main
 from know_kernels.pipeline.distributed import split
-from know_kernels.pipeline.predict import Segment
-from know_kernels.io.streaming import save_sharded
+from know_kernels.io.sinks import save_sharded
+from know_kernels.pipeline.plan import Segment
 from test_streaming import THREE_SHARDS, save_mixed, trajectory
 
 
@@ -85,5 +85,6 @@ def test_a_failing_rank_stops_the_others(tmp_path):
     res = _torchrun(*paths, "--method", "linear", "--out", str(tmp_path / "out"), "--quiet",
                     cwd=tmp_path)
     assert res.returncode != 0
-    assert "rank 1 failed: ValueError: parameter 'fc2.weight' holds NaN or Inf" in res.stderr
+    assert "rank 1 failed: NonFiniteError: parameter 'fc2.weight' holds NaN or Inf" in res.stderr
+    assert "--nonfinite passthrough" in res.stderr and "nonfinite=" not in res.stderr
     assert not any((tmp_path / "out").rglob("*"))  # no outputs, no temporary files

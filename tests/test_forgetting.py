@@ -6,9 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from know_kernels.research.forgetting import (Convergence, ForgettingSchedule, NonFiniteLossError,
-                                     evaluate, pretrain, progressive_forgetting, subset_sizes,
-                                     train_steps)
+from know_kernels.research.forgetting import (ForgettingSchedule, progressive_forgetting,
+                                              subset_sizes)
+from know_kernels.research.training import (Convergence, NonFiniteLossError, pretrain,
+                                            top1_accuracy, train_steps)
 from know_kernels.known.routing import route_state
 
 
@@ -141,7 +142,7 @@ def test_progressive_forgetting_records_every_stage():
     assert schedule.samples == [2 * (240 // 16) * 16, 112, 48, 16]
     assert all(t > 0 for t in schedule.seconds)
     assert schedule.test_acc[0] > 0.6  # the synthetic task is easy once trained
-    assert schedule.test_acc[-1] == pytest.approx(evaluate(model, tiny_data(90, seed=7)))
+    assert schedule.test_acc[-1] == pytest.approx(top1_accuracy(model, tiny_data(90, seed=7)))
     report = schedule.time_report()
     assert report["paper_ratio"] == pytest.approx((1 - 0.5 ** 3) / (1 - 0.5))
     assert report["measured_ratio"] == pytest.approx(sum(schedule.seconds[1:]) /
@@ -203,7 +204,7 @@ def test_schedule_with_a_user_training_loop():
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        schedule.record(stage, model, test_acc=evaluate(model, data))
+        schedule.record(stage, model, test_acc=top1_accuracy(model, data))
     traj = schedule.trajectory(dtype="bfloat16")
     assert traj.heads["fc"].dtype == torch.bfloat16 and traj.stages == 3
     assert len(schedule.metadata()["test_acc"]) == 3

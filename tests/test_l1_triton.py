@@ -88,30 +88,28 @@ def test_input_precision_plumbing(interpreter):
     assert_close(interpreter(_case, BM + 1, precision="tf32x3"))
 
 
-def test_bad_arguments_are_named():
+def test_broken_contract_is_named():
+    # What users pass (norm, loss_space ...) is validated by l1_loss (test_l1.py); run
+    # asserts its own knob and the layout its kernel indexes by, before any launch.
     head = make_head(5, "wnn", 0)
     packed = packed_of(head)
     rows, target = rows_and_target(4, torch.float32, 0)
     grad = torch.empty_like(packed)
     kw = dict(S=5, norm="wnn", loss_space="original", grad=grad)
-    with pytest.raises(ValueError, match="loss_space"):
-        lt.run(rows, target, packed, **{**kw, "loss_space": "log"})
-    with pytest.raises(ValueError, match="norm"):
-        lt.run(rows, target, packed, **{**kw, "norm": "z"})
     for precision in ("fp8", "bf16"):  # bf16 products are for inference only
-        with pytest.raises(ValueError, match="input_precision"):
+        with pytest.raises(AssertionError, match="input_precision"):
             lt.run(rows, target, packed, input_precision=precision, **kw)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(AssertionError, match="rows"):
         lt.run(rows[:, :4], target, packed, **kw)
-    with pytest.raises(TypeError, match="rows dtype"):
+    with pytest.raises(AssertionError, match="rows"):
         lt.run(rows.double(), target, packed, **kw)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(AssertionError, match="target"):
         lt.run(rows, target[:3], packed, **kw)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(AssertionError, match="target"):
         lt.run(rows, target.double(), packed, **kw)
-    with pytest.raises(ValueError, match="packed"):
+    with pytest.raises(AssertionError, match="packed"):
         lt.run(rows, target, packed[:-1], **kw)
-    with pytest.raises(ValueError, match="grad"):
+    with pytest.raises(AssertionError, match="grad"):
         lt.run(rows, target, packed, **{**kw, "grad": grad[:-1]})
 
 
@@ -122,7 +120,7 @@ def _compile(cc, precision, rows_dtype):
                  "normalised": "i32"}
     constexprs = {"S": 5, "KP": 16, "O_D": offsets["d.w1"], "O_WO": offsets["wo"],
                   "PRECISION": precision}
-    return compile_ptx(lt._kernel, signature, constexprs, cc, lt.AUTOTUNE_CONFIGS[-1])
+    return compile_ptx(lt.kernel, signature, constexprs, cc, lt.AUTOTUNE_CONFIGS[-1])
 
 
 @pytest.mark.parametrize("cc,precision,rows_dtype", [(80, "tf32x3", "bf16"), (90, "ieee", "fp32")])

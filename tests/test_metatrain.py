@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from know_kernels.cli import build_parser
-from know_kernels.research.metatrain import (MetaTrainConfig, baseline_predictors, evaluate,
-                                    known_predictor, load_state, meta_train, split_runs,
-                                    window_batches, windows)
+from know_kernels.research.metatrain import (MetaTrainConfig, baseline_predictors,
+                                             known_predictor, load_state, meta_train,
+                                             prediction_errors, split_runs, window_batches,
+                                             windows)
 from know_kernels.io.store import MetaDataset, Trajectory
 
 STAGES = 7
@@ -71,8 +72,9 @@ def test_meta_training_learns_and_beats_copy_last(tmp_path):
     known, state = meta_train(store, config(epochs=6))
     _, val = split_runs(store, ("densenet",), ())
     for head in ("fc", "bias"):
-        table = evaluate(store, val, head, 5,
-                         {"KNOWN": known_predictor(known[head]), **baseline_predictors()})
+        table = prediction_errors(store, val, head, 5,
+                                  {"KNOWN": known_predictor(known[head]),
+                                   **baseline_predictors()})
         assert table["KNOWN"] < 0.8 * table["copy-last"], table
         first, last = state.history[head][0][1], state.history[head][-1][1]
         assert last < first

@@ -91,12 +91,14 @@ def test_precision_is_passed_to_the_kernel(monkeypatch):
     seen = []
 
     class Fake:
+        MAX_WINDOW = None
+
         @staticmethod
         def run(rows, packed, *, out, **kw):
             seen.append(kw)
             out.zero_()
 
     monkeypatch.setattr(nowcast_module, "resolve_backend", lambda *a, **k: "triton")
-    monkeypatch.setattr(nowcast_module, "_kernel_module", lambda name, op="nowcast": Fake)
+    monkeypatch.setattr(nowcast_module, "fused_module", lambda name, op, S: Fake)
     nowcast(torch.randn(3, 5), KNOWNHead(seed=7), precision="bf16")
     assert seen[-1]["input_precision"] == "bf16"

@@ -219,9 +219,9 @@ def test_rows_beyond_2_to_the_31(isa):
     out[begin - 10:] = math.nan
     head = KNOWNHead(S=S, norm="wnn", seed=27)
     packed = pack({k: v.detach() for k, v in head.params_dict().items()}, S)
-    _C.nowcast(rows.data_ptr(), "bfloat16", n, S, packed.data_ptr(), packed.numel(), "wnn", 1,
-               False, out.data_ptr(), "float32", 2, nowcast_cpu.isa(), row_begin=begin,
-               row_end=n)
+    _C.nowcast(rows.data_ptr(), _C.DTYPE_CODES["bfloat16"], packed.data_ptr(), out.data_ptr(),
+               _C.DTYPE_CODES["float32"], n, S, True, 1, False, 2, nowcast_cpu.isa(),
+               row_begin=begin, row_end=n)
     assert torch.isnan(out[begin - 10:begin]).all()  # outside the range: untouched
     assert torch.equal(out[begin:], run_cpu(sample, head))
 
@@ -280,37 +280,44 @@ def test_isa_this_cpu_cannot_run(monkeypatch, which):
     monkeypatch.setenv(nowcast_cpu.ISA_ENV, which)
     with pytest.raises(RuntimeError, match=f"KNOW_KERNELS_ISA={which}.*cannot run"):
         nowcast(torch.randn(3, 5), KNOWNHead(S=5, seed=29), backend="cpu")
-    with pytest.raises(RuntimeError, match="lacks"):  # the extension itself refuses too
+    with pytest.raises(ValueError, match="not runnable here"):  # the extension refuses too
         _C.vec_math("exp", 0, 0, 0, which)
 
 
 def test_bad_arguments():
+    """What users pass is validated by nowcast (here and in test_nowcast_api.py); below it,
+    the backend asserts the layout it indexes by and the extension refuses a call that
+    would go out of bounds."""
     head = KNOWNHead(S=5, seed=30)
     rows = torch.randn(8, 5)
     with pytest.raises(ValueError, match="threads"):
         nowcast(rows, head, backend="cpu", threads=0)
     packed = pack({k: v.detach() for k, v in head.params_dict().items()}, 5)
     out = torch.empty(8)
+    with pytest.raises(AssertionError, match="packed"):
+        nowcast_cpu.run(rows, packed[:-1], S=5, norm="wnn", steps=1, out=out, threads=1)
+    with pytest.raises(AssertionError, match="out"):
+        nowcast_cpu.run(rows, packed, S=5, norm="wnn", steps=2, out=torch.empty(8, 3),
+                        threads=1)
     isa = nowcast_cpu.isa()
 
     def call(**kw):
-        args = dict(rows=rows.data_ptr(), in_dtype="float32", n_rows=8, S=5,
-                    packed=packed.data_ptr(), packed_size=packed.numel(), norm="wnn", steps=1,
-                    all_steps=False, out=out.data_ptr(), out_dtype="float32", threads=1,
-                    isa=isa)
+        args = dict(rows=rows.data_ptr(), rows_dtype=_C.DTYPE_CODES["float32"],
+                    packed=packed.data_ptr(), out=out.data_ptr(),
+                    out_dtype=_C.DTYPE_CODES["float32"], n=8, S=5, wnn=True, steps=1,
+                    all_steps=False, threads=1, isa=isa)
         args.update(kw)
         _C.nowcast(**args)
 
     call()
-    for kw, match in [({"packed_size": 7000}, "packed has 7000 floats, expected 7833"),
-                      ({"S": 1}, "S must be >= 2"), ({"steps": 0}, "steps must be >= 1"),
-                      ({"threads": 0}, "threads must be >= 1"), ({"n_rows": -1}, "n_rows"),
-                      ({"in_dtype": "int8"}, "in_dtype must be"),
-                      ({"out_dtype": "float64"}, "out_dtype must be"),
-                      ({"norm": "minmax"}, "norm must be"),
+    for kw, match in [({"S": 1}, "S < 2"), ({"threads": 0}, "threads < 1"),
+                      ({"n": -1}, "n out of range"),
+                      ({"rows_dtype": 7}, "unknown dtype code 7"),
+                      ({"out_dtype": 8}, "unknown dtype code 8"),
                       ({"row_begin": 5, "row_end": 3}, "row range"),
-                      ({"row_end": 9}, "row range"), ({"rows": 0}, "rows is a null pointer"),
-                      ({"isa": "mmx"}, "isa must be one of")]:
+                      ({"row_end": 9}, "row range"), ({"rows": 0}, "rows or out is a null"),
+                      ({"packed": 0}, "packed is a null pointer"),
+                      ({"isa": "mmx"}, "isa 'mmx'")]:
         with pytest.raises(ValueError, match=match):
             call(**kw)
     with pytest.raises(ValueError, match="fn must be"):

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from know_kernels import KNOWN, nowcast
-from know_kernels.pipeline.predict import count_rows, predict
+from know_kernels.pipeline.plan import count_rows
+from know_kernels.pipeline.predict import predict
 
 
 def forgetting_checkpoints(S=5, seed=0, dtype=torch.float32):
@@ -93,12 +94,23 @@ def test_mismatched_checkpoints_are_named():
         predict(cks, known)
 
 
-@pytest.mark.parametrize("count", [4, 6])
-def test_wrong_number_of_checkpoints(count):
-    with pytest.raises(ValueError, match=f"S=5 snapshots but {count} checkpoints"):
+@pytest.mark.parametrize("count", [1, 4])
+def test_too_few_checkpoints_say_how_many_are_needed(count):
+    with pytest.raises(ValueError, match=rf"takes S=5 checkpoints \(Θ\^0 … Θ\^4, full data first\), "
+                                         rf"got {count}"):
         predict(forgetting_checkpoints(S=count), KNOWN.init())
     with pytest.raises(ValueError, match="at least 2"):
-        predict(forgetting_checkpoints(S=1), KNOWN.init())
+        predict(forgetting_checkpoints(S=1), method="linear")
+
+
+def test_more_checkpoints_than_S_use_the_most_data_end_and_say_so():
+    cks = forgetting_checkpoints(S=7)
+    known = KNOWN.init()
+    with pytest.warns(UserWarning, match=r"7 checkpoints given.*S=5: using the first 5") as seen:
+        out = predict(cks, known, steps=2)
+    assert len(seen) == 1
+    expected = predict(cks[:5], known, steps=2)
+    assert all(torch.equal(out[k][n], expected[k][n]) for k in range(2) for n in expected[k])
 
 
 def test_nonfinite_rows_error_or_pass_through():
@@ -140,4 +152,7 @@ def test_inputs_are_not_modified():
 
 def test_predict_is_public_at_the_package_top():
     import know_kernels
-    assert know_kernels.pipeline.predict is predict
+    from know_kernels.io.load import load_into
+    from know_kernels.pipeline.predict import predict_files
+    assert know_kernels.predict is predict
+    assert know_kernels.predict_files is predict_files and know_kernels.load_into is load_into

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from know_kernels.research.forgetting import (Convergence, derive_seed, evaluate,
-                                     progressive_forgetting)
+from know_kernels.research.forgetting import derive_seed, progressive_forgetting
 from know_kernels.research.more_data import PretrainRecipe, more_data_candidates, nested_prefixes
 from know_kernels.research.probe import (LinearProbe, features, fit_probe, recalibrate_batchnorm)
+from know_kernels.research.training import Convergence, top1_accuracy
 from know_kernels.research.transfer import MORE_DATA, NAIVE, Candidate, transfer
 from know_kernels.research.verdict import resolved, task_verdict, verdict
 from know_kernels.research.zoo import build_model
@@ -125,7 +125,7 @@ def test_more_data_models_use_theta0s_recipe_seeds_and_init():
     # Evaluating on the test images leaves the weights as trained (Θ^0's, bit for bit).
     check = model_fn()()
     check.load_state_dict(more[0].weights)
-    assert records[0]["test_acc"] == pytest.approx(100 * evaluate(check, task.test))
+    assert records[0]["test_acc"] == pytest.approx(100 * top1_accuracy(check, task.test))
 
 
 # ------------------------------------------------------------------------------ verdict

@@ -152,6 +152,18 @@ def test_bad_run_ids(tmp_path, run_id):
         MetaDataset(tmp_path).add(run_id, trajectory())
 
 
+def test_claim_checks_a_run_id_before_anything_is_written(tmp_path):
+    store, _ = filled_store(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    store.claim("run_new")
+    with pytest.raises(FileExistsError, match="run_1"):
+        store.claim("run_1")
+    store.claim("run_1", overwrite=True)
+    with pytest.raises(ValueError, match="run_id"):
+        store.claim("../evil", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and "run_new" not in store
+
+
 def test_missing_or_corrupt_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="no meta-dataset"):
         MetaDataset(tmp_path, create=False)

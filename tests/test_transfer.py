@@ -10,10 +10,12 @@ from torch.utils.data import TensorDataset
 from know_kernels import KNOWN
 from know_kernels.research.data import DataSplit
 from know_kernels.research.forgetting import progressive_forgetting
+from know_kernels.research.report import format_table
+from know_kernels.research.stats import paired_difference, t_critical
 from know_kernels.research.transfer import (NAIVE, Candidate, FineTune, Row, check_methods,
-                                   check_seeds, factor_label, fine_tune, format_table,
-                                   know_candidates, paired_difference, plan_seed,
-                                   select_classes, t_critical, transfer)
+                                            check_seeds, factor_label, fine_tune,
+                                            know_candidates, plan_seed, select_classes,
+                                            transfer)
 from know_kernels.research.zoo import build_model
 
 SHAPE = (1, 8, 8)

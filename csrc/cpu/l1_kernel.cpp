@@ -244,20 +244,19 @@ inline V select_positive(V test, V yes, V no) { return test > bcast(0.0f) ? yes 
 
 // |e| into the loss, and dO = d|e|/dO for every row (0 for padding lanes).
 void loss_and_seed(const L1Args& a, const float* x, const Tile& tl, const Grads& g) {
-  const bool wnn = a.norm == Norm::kWnn;
   V loss = load(g.loss), bo = load(g.bo);
   for (int t = 0; t < TV; ++t) {
     const int at = t * VW;
     const V y = vtanh(load(tl.o + at));
-    const V pred = prediction(x + (a.S - 1) * R + at, y, tl.scale + at, tl.shift + at, a.norm);
+    const V pred = prediction(x + (a.S - 1) * R + at, y, tl.scale + at, tl.shift + at, a.wnn);
     V e = pred - load(tl.target + at);
-    if (wnn && a.normalised_loss) e = e / load(tl.scale + at);
+    if (a.wnn && a.normalised) e = e / load(tl.scale + at);
     const V live = load(tl.live + at);
     loss += as_float(as_int(e) & bcast_i(INT32_MAX)) * live;
     // sign(e) * live: NaN compares false both ways, so its sign is 0, as in torch.
     const V one = live, minus_one = -live;
     V dpred = select_positive(e, one, V{}) + select_positive(-e, minus_one, V{});
-    if (wnn && !a.normalised_loss) dpred = dpred * load(tl.scale + at);  // de/d(x + y)
+    if (a.wnn && !a.normalised) dpred = dpred * load(tl.scale + at);  // de/d(x + y)
     const V dO = dpred * (bcast(1.0f) - y * y);
     store(tl.dO + at, dO);
     bo += dO;
@@ -323,12 +322,12 @@ void train_tile(const L1Args& a, const HeadPanels& head, const StreamBackPanels 
                 const Tile& tl, const Grads& g, int64_t row0) {
   const int S = a.S;
   const int64_t valid = a.n_rows - row0 < R ? a.n_rows - row0 : R;
-  load_tile(a.rows, a.in_dtype, S, row0, valid, tl.win);
+  load_tile(a.rows, a.rows_dtype, S, row0, valid, tl.win);
   for (int64_t r = 0; r < R; ++r) {
     tl.target[r] = r < valid ? a.target[row0 + r] : 0.0f;
     tl.live[r] = r < valid ? 1.0f : 0.0f;
   }
-  const float* x = normalise(tl.win, S, a.norm, tl.xs, tl.ds, tl.scale, tl.shift);
+  const float* x = normalise(tl.win, S, a.wnn, tl.xs, tl.ds, tl.scale, tl.shift);
   for (int t = 0; t < R; t += VW) store(tl.o + t, bcast(head.bo));
   stream<true>(x, head.stream[0], tl.pz[0], tl.o, tl.saved[0]);
   stream<true>(tl.ds, head.stream[1], tl.pz[1], tl.o, tl.saved[1]);

@@ -1,7 +1,7 @@
 // The fused CPU kernel for meta-training KNOWN with the L1 objective: forward, loss and
 // backward to the packed head in one pass over the rows (see l1_kernel.cpp).
 //
-// Compiled per instruction set like nowcast_kernel.cpp; nowcast_dispatch.cpp checks the
+// Compiled per instruction set like nowcast_kernel.cpp; nowcast_dispatch.cpp guards the
 // arguments and calls the copy that was asked for.  Per-ISA sources include this header,
 // so it uses no standard-library templates.
 #pragma once
@@ -13,16 +13,16 @@
 namespace know {
 
 struct L1Args {
-  const void* rows = nullptr;     // (n_rows, S) contiguous, in_dtype, oldest value first
-  DType in_dtype = DType::kFloat32;
+  const void* rows = nullptr;     // (n_rows, S) contiguous, rows_dtype, oldest value first
+  DType rows_dtype = kFloat32;
   int64_t n_rows = 0;
   int S = 0;
   const float* target = nullptr;  // (n_rows,): the true next values, in original units
   const float* packed = nullptr;  // packing.pack(params, S)
-  int64_t packed_size = 0;
-  Norm norm = Norm::kWnn;
-  bool normalised_loss = false;   // e = (pred - target) / scale, else pred - target
-  float* grad = nullptr;          // packed_size floats, overwritten with d(sum |e|)/d(packed)
+  bool wnn = true;                // else "raw"
+  bool normalised = false;        // e = (pred - target) / scale, else pred - target
+  float* grad = nullptr;          // packing.packed_size(S) floats, overwritten with
+                                  // d(sum |e|)/d(packed)
   int threads = 1;
 };
 

@@ -1,5 +1,9 @@
-// Argument checking and instruction-set dispatch for the fused CPU kernels.  Compiled with
-// the build's baseline flags only: it must run on any processor, to say which kernel can.
+// Guards and instruction-set dispatch for the fused CPU kernels.  Compiled with the build's
+// baseline flags only: it must run on any processor, to say which kernel can.
+//
+// The Python wrappers (know_kernels/kernels/ops/) hand over arguments the public entry points
+// validated, so the guards here only keep a wrong call from reading or writing out of
+// bounds; their messages name the broken invariant, not what a user should do.
 #include "cpu/nowcast_dispatch.h"
 
 #include <cstdlib>
@@ -12,14 +16,12 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/l1_kernel.h"
-#include "packed_layout.h"
 
 namespace know {
 namespace {
 
 struct IsaKernel {
   const char* name;
-  const char* needs;  // for the error when the processor lacks it
   bool (*runnable)();
   int (*tile_rows)();
   int64_t (*workspace_floats)(int, int);
@@ -31,73 +33,55 @@ struct IsaKernel {
   double (*l1)(const L1Args&, float*);
 };
 
-#define KNOW_ISA_KERNEL(ns, needs, runnable)                                          \
-  IsaKernel {                                                                         \
-    #ns, needs, runnable, &ns::tile_rows, &ns::workspace_floats, &ns::nowcast,        \
-        &ns::vec_exp, &ns::vec_exp2, &ns::vec_tanh, &ns::l1_workspace_floats, &ns::l1 \
+#define KNOW_ISA_KERNEL(ns, runnable)                                                      \
+  IsaKernel {                                                                              \
+    #ns, runnable, &ns::tile_rows, &ns::workspace_floats, &ns::nowcast, &ns::vec_exp,      \
+        &ns::vec_exp2, &ns::vec_tanh, &ns::l1_workspace_floats, &ns::l1                    \
   }
 
-// Best first.  The feature lists match the flags CMakeLists.txt compiles each copy with.
+// Best first.  The features each copy needs match the flags CMakeLists.txt compiles it with.
 const IsaKernel kKernels[] = {
 #if defined(KNOW_X86_ISAS)
-    KNOW_ISA_KERNEL(avx512, "AVX-512 F/BW/VL, FMA and F16C",
+    KNOW_ISA_KERNEL(avx512,
                     [] {
                       const CpuFeatures& f = cpu_features();
                       return f.avx512f && f.avx512bw && f.avx512vl && f.fma && f.f16c;
                     }),
-    KNOW_ISA_KERNEL(avx2, "AVX2, FMA and F16C",
+    KNOW_ISA_KERNEL(avx2,
                     [] {
                       const CpuFeatures& f = cpu_features();
                       return f.avx2 && f.fma && f.f16c;
                     }),
 #endif
-    KNOW_ISA_KERNEL(portable, "nothing beyond the base instruction set", [] { return true; }),
+    KNOW_ISA_KERNEL(portable, [] { return true; }),
 };
 
-const char* const kKnownIsas[] = {"avx512", "avx2", "portable"};
-
-std::string join(const std::vector<std::string>& names) {
-  std::string s;
-  for (const std::string& n : names) s += (s.empty() ? "" : ", ") + n;
-  return s;
+[[noreturn]] void refuse(const std::string& broken) {
+  throw std::invalid_argument("know_kernels._C refuses the call: " + broken);
 }
 
+void guard(bool ok, const char* broken) {
+  if (!ok) refuse(broken);
+}
+
+// Running a copy of the kernel compiled for instructions this processor lacks would crash.
 const IsaKernel& kernel_for(const std::string& isa) {
-  for (const IsaKernel& k : kKernels) {
-    if (isa != k.name) continue;
-    if (!k.runnable())
-      throw std::runtime_error("isa '" + isa + "' needs " + k.needs +
-                               ", which this processor lacks; it can run: " +
-                               join(runnable_isas()));
-    return k;
-  }
-  for (const char* known : kKnownIsas)
-    if (isa == known)
-      throw std::runtime_error("isa '" + isa + "' is not compiled into this build (it has: " +
-                               join(compiled_isas()) + ")");
-  throw std::invalid_argument("isa must be one of avx512, avx2, portable; got '" + isa + "'");
-}
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
+  for (const IsaKernel& k : kKernels)
+    if (isa == k.name && k.runnable()) return k;
+  refuse("isa '" + isa + "' is not compiled in or not runnable here");
 }
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-// The checks nowcast() and l1() share; widest is the most values per row either indexes.
-void check_common(int64_t n_rows, int S, int threads, const float* packed, int64_t size,
-                  int64_t widest) {
-  require(n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(n_rows));
-  require(S >= 2, "S must be >= 2 (the d stream needs a difference), got " + std::to_string(S));
-  require(threads >= 1, "threads must be >= 1, got " + std::to_string(threads));
-  require(packed != nullptr, "packed is a null pointer");
-  const int64_t expected = packed_head(S).size;
-  require(size == expected, "packed has " + std::to_string(size) + " floats, expected " +
-                                std::to_string(expected) + " for S=" + std::to_string(S));
-  require(n_rows <= std::numeric_limits<int64_t>::max() / widest,
-          "n_rows is too large to index (" + std::to_string(n_rows) + ")");
+// What nowcast() and l1() both index by; widest is the most values per row either indexes.
+void guard_common(int64_t n_rows, int S, int threads, const float* packed, int64_t widest) {
+  guard(n_rows >= 0 && n_rows <= std::numeric_limits<int64_t>::max() / widest,
+        "n out of range");
+  guard(S >= 2, "S < 2");
+  guard(threads >= 1, "threads < 1");
+  guard(packed != nullptr, "packed is a null pointer");
 }
 
 std::unique_ptr<float, FreeDeleter> workspace(int64_t floats) {
@@ -125,38 +109,19 @@ std::vector<std::string> runnable_isas() {
 
 int nowcast_tile_rows(const std::string& isa) { return kernel_for(isa).tile_rows(); }
 
-DType parse_dtype(const std::string& name, const char* arg) {
-  if (name == "float32") return DType::kFloat32;
-  if (name == "bfloat16") return DType::kBFloat16;
-  if (name == "float16") return DType::kFloat16;
-  throw std::invalid_argument(std::string(arg) + " must be float32, bfloat16 or float16; got '" +
-                              name + "'");
-}
-
-Norm parse_norm(const std::string& name) {
-  if (name == "wnn") return Norm::kWnn;
-  if (name == "raw") return Norm::kRaw;
-  throw std::invalid_argument("norm must be 'wnn' or 'raw'; got '" + name + "'");
-}
-
-bool parse_loss_space(const std::string& name) {
-  if (name == "normalised") return true;
-  if (name == "original") return false;
-  throw std::invalid_argument("loss_space must be 'original' or 'normalised'; got '" + name +
-                              "'");
+DType dtype_from_code(int code) {
+  if (!is_dtype(code)) refuse("unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
 }
 
 void nowcast(const NowcastArgs& args, const std::string& isa) {
   const IsaKernel& kernel = kernel_for(isa);
-  require(args.steps >= 1, "steps must be >= 1, got " + std::to_string(args.steps));
-  check_common(args.n_rows, args.S, args.threads, args.packed, args.packed_size,
+  guard_common(args.n_rows, args.S, args.threads, args.packed,
                args.S > args.steps ? args.S : args.steps);
-  require(0 <= args.row_begin && args.row_begin <= args.row_end && args.row_end <= args.n_rows,
-          "row range [" + std::to_string(args.row_begin) + ", " + std::to_string(args.row_end) +
-              ") is not inside [0, n_rows=" + std::to_string(args.n_rows) + "]");
+  guard(0 <= args.row_begin && args.row_begin <= args.row_end && args.row_end <= args.n_rows,
+        "row range outside [0, n]");
   if (args.row_begin == args.row_end) return;
-  require(args.rows != nullptr, "rows is a null pointer");
-  require(args.out != nullptr, "out is a null pointer");
+  guard(args.rows != nullptr && args.out != nullptr, "rows or out is a null pointer");
 
   NowcastArgs a = args;
   const int64_t tiles = (a.row_end - a.row_begin + kernel.tile_rows() - 1) / kernel.tile_rows();
@@ -166,12 +131,10 @@ void nowcast(const NowcastArgs& args, const std::string& isa) {
 
 double l1(const L1Args& args, const std::string& isa) {
   const IsaKernel& kernel = kernel_for(isa);
-  check_common(args.n_rows, args.S, args.threads, args.packed, args.packed_size, args.S);
-  require(args.grad != nullptr, "grad is a null pointer");
-  if (args.n_rows > 0) {
-    require(args.rows != nullptr, "rows is a null pointer");
-    require(args.target != nullptr, "target is a null pointer");
-  }
+  guard_common(args.n_rows, args.S, args.threads, args.packed, args.S);
+  guard(args.grad != nullptr, "grad is a null pointer");
+  guard(args.n_rows == 0 || (args.rows != nullptr && args.target != nullptr),
+        "rows or target is a null pointer");
   L1Args a = args;
   const int64_t block_rows = int64_t(kernel.tile_rows()) * kL1BlockTiles;
   const int64_t blocks = (a.n_rows + block_rows - 1) / block_rows;
@@ -182,7 +145,7 @@ double l1(const L1Args& args, const std::string& isa) {
 void vec_math(const std::string& fn, const float* x, float* y, int64_t n,
               const std::string& isa) {
   const IsaKernel& kernel = kernel_for(isa);
-  require(n >= 0, "n must be >= 0, got " + std::to_string(n));
+  guard(n >= 0, "n < 0");
   if (fn == "exp")
     kernel.vec_exp(x, y, n);
   else if (fn == "exp2")

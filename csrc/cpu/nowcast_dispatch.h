@@ -1,4 +1,4 @@
-// Argument checking and instruction-set dispatch for the fused CPU kernels.
+// Guards and instruction-set dispatch for the fused CPU kernels.
 #pragma once
 
 #include <cstdint>
@@ -15,20 +15,18 @@ namespace know {
 std::vector<std::string> compiled_isas();
 std::vector<std::string> runnable_isas();
 
-// Storage dtype and normalisation by name; the error names the argument.
-DType parse_dtype(const std::string& name, const char* arg);
-Norm parse_norm(const std::string& name);
-// "normalised" -> true, "original" -> false.
-bool parse_loss_space(const std::string& name);
+// The storage dtype of a code of kernel_abi.h.  Like every guard below, throws
+// std::invalid_argument for a call the Python wrappers would never make.
+DType dtype_from_code(int code);
 
-// Rows per tile of one instruction set's kernel.  Throws like nowcast() for a bad isa.
+// Rows per tile of one instruction set's kernel.
 int nowcast_tile_rows(const std::string& isa);
 
-// Checks every argument (std::invalid_argument naming it), checks that isa is compiled in
-// and runnable here (std::runtime_error otherwise), then computes.
+// Refuses a call that would index out of bounds or an isa this processor cannot run,
+// then computes.
 void nowcast(const NowcastArgs& args, const std::string& isa);
 
-// The fused L1 training step: checks like nowcast(), writes args.grad (every element) and
+// The fused L1 training step: guarded like nowcast(), writes args.grad (every element) and
 // returns sum |e|.  n_rows = 0 gives 0 and a zero gradient.
 double l1(const L1Args& args, const std::string& isa);
 

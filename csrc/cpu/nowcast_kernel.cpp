@@ -57,10 +57,10 @@ void process_tile(const NowcastArgs& a, const HeadPanels& head, float* scratch, 
   float* shift = scale + R;
   float* o = shift + R;
   const int64_t valid = a.row_end - row0 < R ? a.row_end - row0 : R;
-  load_tile(a.rows, a.in_dtype, S, row0, valid, win);
+  load_tile(a.rows, a.rows_dtype, S, row0, valid, win);
 
   for (int step = 0; step < a.steps; ++step) {
-    const float* x = normalise(win, S, a.norm, xs, ds, scale, shift);
+    const float* x = normalise(win, S, a.wnn, xs, ds, scale, shift);
     for (int t = 0; t < R; t += VW) store(o + t, bcast(head.bo));
     stream<false>(x, head.stream[0], pz, o, nullptr);
     stream<false>(ds, head.stream[1], pz, o, nullptr);
@@ -68,7 +68,7 @@ void process_tile(const NowcastArgs& a, const HeadPanels& head, float* scratch, 
     for (int t = 0; t < TV; ++t) {
       const int at = t * VW;
       store(scale + at, prediction(x + (S - 1) * R + at, vtanh(load(o + at)), scale + at,
-                                   shift + at, a.norm));
+                                   shift + at, a.wnn));
     }
     if (a.all_steps || step + 1 == a.steps) store_step(a, step, row0, valid, scale);
     if (step + 1 < a.steps) {

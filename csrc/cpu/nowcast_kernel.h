@@ -1,30 +1,28 @@
 // The fused CPU kernel for KNOWN inference (see nowcast_kernel.cpp for how it computes).
 //
 // nowcast_kernel.cpp is compiled once per instruction set, each copy in its own namespace
-// (know::avx512, know::avx2, know::portable); nowcast_dispatch.cpp validates the arguments
+// (know::avx512, know::avx2, know::portable); nowcast_dispatch.cpp guards the arguments
 // and calls the copy that was asked for, after checking that this processor can run it.
 // Per-ISA sources include this header, so it uses no standard-library templates.
 #pragma once
 
 #include <cstdint>
 
+#include "kernel_abi.h"
+
 namespace know {
 
-enum class DType : int { kFloat32, kBFloat16, kFloat16 };
-enum class Norm : int { kWnn, kRaw };
-
 struct NowcastArgs {
-  const void* rows = nullptr;   // (n_rows, S) contiguous, in_dtype, oldest value first
-  DType in_dtype = DType::kFloat32;
+  const void* rows = nullptr;   // (n_rows, S) contiguous, rows_dtype, oldest value first
+  DType rows_dtype = kFloat32;
   int64_t n_rows = 0;
   int S = 0;
   const float* packed = nullptr;  // packing.pack(params, S)
-  int64_t packed_size = 0;
-  Norm norm = Norm::kWnn;
+  bool wnn = true;                // else "raw"
   int steps = 1;
   bool all_steps = false;         // out is (n_rows, steps), else (n_rows,) = last step
   void* out = nullptr;
-  DType out_dtype = DType::kFloat32;
+  DType out_dtype = kFloat32;
   int threads = 1;
   int64_t row_begin = 0;          // only rows [row_begin, row_end) are computed
   int64_t row_end = 0;

@@ -240,9 +240,9 @@ inline void load_tile(const void* rows, DType dtype, int S, int64_t row0, int64_
 
 // win (S lines) -> x (S lines), d (S - 1 lines), and the de-normalisation scale/shift.
 // Returns the lines that hold x (the raw window itself for norm = raw).
-inline const float* normalise(const float* win, int S, Norm norm, float* x, float* d,
+inline const float* normalise(const float* win, int S, bool wnn, float* x, float* d,
                               float* scale, float* shift) {
-  if (norm == Norm::kWnn) {
+  if (wnn) {
     for (int t = 0; t < R; t += VW) {
       const V m0 = load(win + t);
       V hi = load(win + t) - m0;  // 0, or NaN for an infinite first value (as the reference)
@@ -270,9 +270,9 @@ inline const float* normalise(const float* win, int S, Norm norm, float* x, floa
 // The prediction of one vector of rows from its last normalised value and the head's
 // output y = tanh(O); scale and shift are read only for wnn (raw leaves them unwritten).
 inline V prediction(const float* x_last, V y, const float* scale, const float* shift,
-                    Norm norm) {
+                    bool wnn) {
   V pred = load(x_last) + y;
-  if (norm == Norm::kWnn) pred = pred * load(scale) + load(shift);
+  if (wnn) pred = pred * load(scale) + load(shift);
   return pred;
 }
 

@@ -406,9 +406,7 @@ std::string l1_workspace_floats(std::int64_t n, int S, int device, std::int64_t*
 }
 
 std::string l1_loss(const L1Args& a) {
-  if (a.rows_dtype != kFloat32 && a.rows_dtype != kBFloat16 && a.rows_dtype != kFloat16) {
-    return "unknown dtype code " + std::to_string(a.rows_dtype);
-  }
+  if (!is_dtype(a.rows_dtype)) return "unknown dtype code " + std::to_string(a.rows_dtype);
   int blocks = 0;
   std::size_t smem = 0;
   std::string error = plan(a.n, a.S, a.device, &blocks, &smem);

@@ -1,8 +1,8 @@
 // know_kernels._cuda: the CUDA side of know-kernels.  Like _C it never links against
-// torch: the Python wrapper (know_kernels/ops/nowcast_cuda.py) validates tensors and hands
-// over device pointers and the caller's stream as integers.  The CUDA runtime is linked
-// statically, so the module imports on machines without a driver or GPU and says so
-// through runtime_status().
+// torch: the Python wrappers (know_kernels/kernels/ops/*_cuda.py) hand over device pointers
+// and the caller's stream as integers, the other arguments in the forms of
+// ../kernel_abi.h, shared with _C.  The CUDA runtime is linked statically, so the module
+// imports on machines without a driver or GPU and says so through runtime_status().
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -36,9 +36,9 @@ void queue(std::string (*launch)(const Args&), const Args& args) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference and L1 training step)";
   m.attr("MAX_WINDOW") = know::cuda::kMaxWindow;
-  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(know::cuda::kFloat32),
-                                   py::arg("bfloat16") = int(know::cuda::kBFloat16),
-                                   py::arg("float16") = int(know::cuda::kFloat16));
+  py::dict codes;
+  for (const know::DTypeName& d : know::kDTypeNames) codes[d.name] = int(d.code);
+  m.attr("DTYPE_CODES") = codes;
   m.attr("EXP_MODES") = py::dict(py::arg("sfu") = int(know::cuda::kExpSfu),
                                  py::arg("poly") = int(know::cuda::kExpPoly),
                                  py::arg("mixed") = int(know::cuda::kExpMixed));

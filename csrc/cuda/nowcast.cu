@@ -363,12 +363,9 @@ std::string nowcast(const NowcastArgs& a) {
   if (a.S < 2 || a.S > kMaxWindow) {
     return "S must be in [2, " + std::to_string(kMaxWindow) + "], got " + std::to_string(a.S);
   }
-  if (a.steps < 1) return "steps must be >= 1, got " + std::to_string(a.steps);
   if (a.n < 0) return "n must be >= 0, got " + std::to_string(a.n);
   for (int dt : {a.rows_dtype, a.out_dtype}) {
-    if (dt != kFloat32 && dt != kBFloat16 && dt != kFloat16) {
-      return "unknown dtype code " + std::to_string(dt);
-    }
+    if (!is_dtype(dt)) return "unknown dtype code " + std::to_string(dt);
   }
   if (a.blocks_per_sm != 1 && a.blocks_per_sm != 2) {
     return "blocks_per_sm must be 1 or 2, got " + std::to_string(a.blocks_per_sm);

@@ -1,14 +1,15 @@
 // The host-side interface of the CUDA kernels.  Plain C++ (no CUDA headers), so that the
 // pybind11 module and the CPU emulation harness can include it: device memory and
-// streams travel as integers handed over by the Python wrapper (torch owns them).
+// streams travel as integers handed over by the Python wrapper (torch owns them), the
+// other arguments in the forms of ../kernel_abi.h.
 #pragma once
 
 #include <cstdint>
 #include <string>
 
-namespace know::cuda {
+#include "../kernel_abi.h"
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace know::cuda {
 
 // Ways of computing exp (exp_bench.cu), compared by exp_throughput below:
 //   kExpSfu:   ex2.approx on the special-function units (16 per SM and clock).
@@ -39,7 +40,8 @@ struct NowcastArgs {
   int device = 0;
 };
 
-// Queues the kernel on args.stream; returns "" or why it could not.
+// Queues the kernel on args.stream; returns "" or why it could not (a CUDA error, or a
+// call that would index out of bounds: the wrapper has validated the arguments).
 std::string nowcast(const NowcastArgs& args);
 
 // Micro-benchmark: `threads` threads each evaluate 8 x `iters` exponentials with `exp_mode`

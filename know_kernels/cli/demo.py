@@ -21,7 +21,9 @@ import torch
 
 from ..research.demo import PRESETS, TASKS, run_demo, write_outputs
 from ..known.heads import KNOWN
-from ..research.transfer import MIN_SEEDS, PAPER_ORDER, check_methods, format_table
+from ..research.report import format_table
+from ..research.stats import MIN_SEEDS
+from ..research.transfer import PAPER_ORDER, check_methods
 
 
 def register(sub) -> None:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 from ..fileio import atomic_path
 from ..known.heads import KNOWN
 from ..kernels.l1 import LOSS_SPACES
-from ..research.metatrain import (MetaTrainConfig, baseline_predictors, evaluate, known_predictor,
-                         meta_train, split_runs, window_count)
+from ..research.metatrain import (MetaTrainConfig, baseline_predictors, known_predictor,
+                                  meta_train, prediction_errors, split_runs, window_count)
 from ..kernels.nowcast import BACKENDS
 from ..kernels.reference import NORMS
 from ..known.routing import HEADS
@@ -87,7 +87,8 @@ def validation_table(store: MetaDataset, known: KNOWN, val_runs,
         for run in val_runs:
             n = window_count(store, head_name, [run], head.S)
             if n:
-                runs[run] = {**evaluate(store, [run], head_name, head.S, predictors), "windows": n}
+                runs[run] = {**prediction_errors(store, [run], head_name, head.S, predictors),
+                             "windows": n}
         if not runs:
             raise ValueError(f"no validation windows for head {head_name!r}")
         total = sum(r["windows"] for r in runs.values())

@@ -9,10 +9,10 @@ from tqdm import tqdm
 
 from ..kernels.baselines import DEFAULT_LAMBDA
 from ..kernels.nowcast import BACKENDS, PRECISIONS
-from ..pipeline.predict import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE
-from ..io.streaming import predict_files
-
-OUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+from ..pipeline.options import DEFAULT_CHUNK_ROWS, METHODS, NONFINITE, OUT_DTYPES
+from ..pipeline.predict import predict_files
+from ..pipeline.distributed import RankFailed
+from ..pipeline.run import PASSTHROUGH, NonFiniteError
 
 
 def register(sub) -> None:
@@ -25,8 +25,10 @@ def register(sub) -> None:
                                    "`torchrun --nproc-per-node N -m know_kernels predict …` "
                                    "to split the work over N processes.")
     p.add_argument("checkpoints", nargs="+",
-                   help=".pt/.pth (weights-only), .safetensors, or a sharded checkpoint "
-                        "(its directory or *.safetensors.index.json)")
+                   help=".safetensors, a torch file (.pt, .pth, .bin, Lightning .ckpt; loaded "
+                        "weights-only), a sharded checkpoint (its directory or *.index.json) "
+                        "or a model directory (save_pretrained); with more than the KNOWN's "
+                        "S, the first S are used")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, default=1, help="prediction steps (default 1)")
     p.add_argument("--method", default="known", choices=METHODS,
@@ -41,9 +43,12 @@ def register(sub) -> None:
                    help="lowest precision of the GPU kernels' matrix products: float32 "
                         "(default, within 1e-5 of float64), or the faster tensor-core modes "
                         "tf32 and bf16 (errors in bench/RESULTS.md); the CPU computes in float32")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="copy entries whose name matches this glob (e.g. 'classifier.*') from "
+                        "Θ^0 unchanged; repeatable")
     p.add_argument("--nonfinite", default="error", choices=NONFINITE,
                    help="rows with NaN/Inf: refuse (default) or keep them at Θ^0")
-    p.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
+    p.add_argument("--out-dtype", default=None, choices=[str(d).removeprefix("torch.") for d in OUT_DTYPES],
                    help="dtype of every floating-point output (default: Θ^0's, per tensor)")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
                    help=f"rows predicted per chunk; memory grows with it "
@@ -64,12 +69,15 @@ def run(args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        targets = predict_files(args.checkpoints, args.out, args.known, steps=args.steps,
-                                method=args.method, lam=args.lam, backend=args.backend,
-                                nonfinite=args.nonfinite, threads=args.threads,
-                                precision=args.precision,
-                                out_dtype=args.out_dtype, chunk_rows=args.chunk_rows,
-                                device=args.device, force=args.force, progress=progress)
+        try:
+            targets = predict_files(args.checkpoints, args.out, args.known, steps=args.steps,
+                                    method=args.method, lam=args.lam, backend=args.backend,
+                                    keep=args.keep, nonfinite=args.nonfinite,
+                                    threads=args.threads, precision=args.precision,
+                                    out_dtype=args.out_dtype, chunk_rows=args.chunk_rows,
+                                    device=args.device, force=args.force, progress=progress)
+        except (NonFiniteError, RankFailed) as exc:  # another rank's may be a NonFiniteError
+            raise ValueError(str(exc).replace(PASSTHROUGH, "--nonfinite passthrough")) from None
     if rank0:
         for target in targets:
             print(f"wrote {target}")

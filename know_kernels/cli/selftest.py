@@ -1,7 +1,7 @@
 """``know selftest``: every usable backend against the float64 reference."""
 from __future__ import annotations
 
-from ..kernels.selftest import FP32_BOUND, format_table, run_selftest
+from ..known.selftest import FP32_BOUND, format_table, run_selftest
 
 
 def register(sub) -> None:

@@ -17,7 +17,6 @@ a temporary name and renamed when complete, then indexes it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -25,24 +24,25 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+from torch import nn
 
-from ..research.forgetting import state_refs
-from ..known.routing import HEADS, Route, route_state
-from .store import META_KEY, TRAJECTORY_FORMAT, MetaDataset, store_dtype
-from .streaming import OutFile
+from ..fileio import read_at, write_at
+from ..known.routing import Route
+from .store import MetaDataset, route_params, store_dtype, trajectory_metadata
+from .sinks import OutFile
 
 # Rows per transposed chunk: S x 64K values, small next to any model worth streaming.
 CHUNK_ROWS = 1 << 16
 
 
-def _read_exactly(fd: int, into: torch.Tensor, at: int) -> None:
-    view = memoryview(into.numpy())
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], at + done)
-        if got == 0:
-            raise OSError(f"scratch file ended early at byte {at + done}")
-        done += got
+def state_refs(model_or_state) -> Mapping[str, torch.Tensor]:
+    """The module's state dict (its own tensors, not copies) or the given mapping."""
+    state = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
+             else model_or_state)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"record() takes an nn.Module or a state dict, got "
+                        f"{type(model_or_state).__name__}")
+    return state
 
 
 class StageRecorder:
@@ -50,7 +50,7 @@ class StageRecorder:
                  dtype=torch.float32, overwrite: bool = False):
         if not isinstance(stages, int) or stages < 2:
             raise ValueError(f"stages must be an integer >= 2, got {stages!r}")
-        store._claim(run_id, overwrite)
+        store.claim(run_id, overwrite)
         self.store, self.run_id, self.stages = store, run_id, stages
         self.route, self.dtype = route, store_dtype(dtype)
         self.recorded = 0
@@ -60,12 +60,7 @@ class StageRecorder:
 
     def _plan(self, state: Mapping[str, torch.Tensor]) -> None:
         """Fix the routed parameters and their rows from Θ^0; make the scratch arrays."""
-        offsets = {h: 0 for h in HEADS}
-        for name, head in route_state(state, self.route).items():
-            if head is not None:
-                self.params.append({"name": name, "shape": list(state[name].shape),
-                                    "head": head, "offset": offsets[head]})
-                offsets[head] += state[name].numel()
+        self.params, offsets = route_params(state, self.route)
         if not self.params:
             raise ValueError("no parameter of the model is routed to a KNOWN head")
         self._scratch_dir = Path(tempfile.mkdtemp(prefix=f".{self.run_id}.", suffix=".rec",
@@ -95,22 +90,17 @@ class StageRecorder:
                 raise ValueError(f"stage {stage}: parameter {p['name']!r} is "
                                  f"{'missing' if t is None else list(t.shape)}, stage 0 had "
                                  f"{p['shape']}")
-            data = t.detach().reshape(-1).to(device="cpu", dtype=self.dtype)
-            view = memoryview(data.view(torch.uint8).numpy())
-            at, done = self._at(p["head"], stage, p["offset"]), 0
-            while done < len(view):
-                done += os.pwrite(self._scratch[p["head"]][0], view[done:], at + done)
+            data = t.detach().reshape(-1).to(device="cpu", dtype=self.dtype).contiguous()
+            write_at(self._scratch[p["head"]][0], data, self._at(p["head"], stage, p["offset"]))
         self.recorded += 1
 
     def finish(self, meta: Optional[Mapping[str, Any]] = None) -> dict:
         """Write the run's trajectory file from the recorded stages and index it."""
         if self.recorded != self.stages:
             raise ValueError(f"only {self.recorded} of {self.stages} stages recorded")
-        header = {"format": TRAJECTORY_FORMAT, **dict(meta or {}), "params": self.params,
-                  "stages": self.stages, "column_order": "stage"}
         out = OutFile(self.store.run_path(self.run_id),
                       [(h, self.dtype, (rows, self.stages)) for h, (_, rows) in self._scratch.items()],
-                      metadata={META_KEY: json.dumps(header)})
+                      metadata=trajectory_metadata(meta or {}, self.params, self.stages))
         out.create()
         out.open()
         try:
@@ -119,7 +109,7 @@ class StageRecorder:
                     m = min(CHUNK_ROWS, rows - start)
                     block = torch.empty(self.stages, m * self.dtype.itemsize, dtype=torch.uint8)
                     for stage in range(self.stages):
-                        _read_exactly(fd, block[stage], self._at(head, stage, start))
+                        read_at(fd, block[stage], self._at(head, stage, start), "scratch file")
                     columns = block.view(self.dtype).t().contiguous().reshape(-1)
                     out.write(head, start * self.stages, columns)
             out.close()

@@ -67,6 +67,27 @@ def _check_order(order: str) -> None:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
+def route_params(state: Mapping[str, torch.Tensor],
+                 route: Route = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The param table of a trajectory file (name, shape, head and row offset of every
+    routed entry of ``state``, in its order) and the rows each head gets."""
+    params, offsets = [], {h: 0 for h in HEADS}
+    for name, head in route_state(state, route).items():
+        if head is not None:
+            params.append({"name": name, "shape": list(state[name].shape), "head": head,
+                           "offset": offsets[head]})
+            offsets[head] += state[name].numel()
+    return params, offsets
+
+
+def trajectory_metadata(meta: Mapping[str, Any], params: list[dict[str, Any]],
+                        stages: int) -> dict[str, str]:
+    """The safetensors header metadata that makes a file a trajectory file."""
+    header = {"format": TRAJECTORY_FORMAT, **meta, "params": params, "stages": stages,
+              "column_order": "stage"}
+    return {META_KEY: json.dumps(header)}
+
+
 @dataclass
 class Trajectory:
     """One run's flattened trajectory: ``heads[h]`` is (N_h, S), column i = stage i."""
@@ -105,15 +126,7 @@ class Trajectory:
         for i, snap in enumerate(snapshots[1:], 1):
             if list(snap) != list(first) or any(snap[k].shape != first[k].shape for k in first):
                 raise ValueError(f"snapshot {i} does not have the names and shapes of snapshot 0")
-        routes = route_state(first, route)
-        params, offsets = [], {h: 0 for h in HEADS}
-        for name, head in routes.items():
-            if head is None:
-                continue
-            numel = first[name].numel()
-            params.append({"name": name, "shape": list(first[name].shape), "head": head,
-                           "offset": offsets[head]})
-            offsets[head] += numel
+        params, _ = route_params(first, route)
         if not params:
             raise ValueError("no parameter of the snapshots is routed to a KNOWN head")
         heads = {}
@@ -159,9 +172,8 @@ def save_trajectory(traj: Trajectory, path: PathLike, dtype=None) -> None:
     if traj.d0_indices is not None:
         tensors[_D0_KEY] = traj.d0_indices.to(torch.int64)
         tensors[_DEPTH_KEY] = traj.subset_depth.to(torch.uint8)
-    header = {"format": TRAJECTORY_FORMAT, **traj.meta, "params": traj.params,
-              "stages": traj.stages, "column_order": "stage"}
-    save_safetensors(tensors, path, metadata={META_KEY: json.dumps(header)})
+    save_safetensors(tensors, path,
+                     metadata=trajectory_metadata(traj.meta, traj.params, traj.stages))
 
 
 class TrajectoryFile:
@@ -190,6 +202,12 @@ class TrajectoryFile:
     def stages(self) -> int:
         return int(self.meta["stages"])
 
+    @property
+    def run_meta(self) -> dict[str, Any]:
+        """The run's own metadata: the header less what the file format adds."""
+        return {k: v for k, v in self.meta.items()
+                if k not in ("format", "params", "stages", "column_order")}
+
     def read(self, head: str, start: int = 0, stop: Optional[int] = None,
              order: str = "stage") -> torch.Tensor:
         """Rows ``start:stop`` of ``head`` (only those bytes are read)."""
@@ -205,10 +223,8 @@ class TrajectoryFile:
     def load(self) -> Trajectory:
         from safetensors.torch import load_file
         tensors = load_file(str(self.path))
-        meta = {k: v for k, v in self.meta.items()
-                if k not in ("format", "params", "stages", "column_order")}
         return Trajectory(heads={h: tensors[h] for h in self.heads}, params=self.meta["params"],
-                          meta=meta, d0_indices=tensors.get(_D0_KEY),
+                          meta=self.run_meta, d0_indices=tensors.get(_D0_KEY),
                           subset_depth=tensors.get(_DEPTH_KEY))
 
 
@@ -269,7 +285,10 @@ class MetaDataset:
             raise ValueError(f"run_id {run_id!r} must be letters, digits, '_', '.', '-' "
                              "(not starting with a dot) and not 'index'")
 
-    def _claim(self, run_id: str, overwrite: bool) -> None:
+    def claim(self, run_id: str, overwrite: bool = False) -> None:
+        """Check that run ``run_id`` may be written: a valid id, not yet in the index unless
+        ``overwrite``.  Writers call this before any work, so that a bad or taken id fails
+        before a run's file is written."""
         self._check_id(run_id)
         if run_id in self and not overwrite:
             raise FileExistsError(f"run {run_id!r} is already in {self.index_path}")
@@ -278,7 +297,7 @@ class MetaDataset:
     def add(self, run_id: str, traj: Trajectory, dtype=None, overwrite: bool = False) -> dict:
         """Store one trajectory (file, then metadata copy, then index: a crash in between
         leaves the index without the run, and the next ``add`` replaces its files)."""
-        self._claim(run_id, overwrite)
+        self.claim(run_id, overwrite)
         save_trajectory(traj, self.run_path(run_id), dtype)
         return self.register(run_id)
 
@@ -293,17 +312,15 @@ class MetaDataset:
         reader = TrajectoryFile(self.run_path(run_id))
         write_json(reader.meta, self.root / f"{run_id}.json")
         dtype_name = _dtype_name(reader.read(next(iter(reader.heads)), 0, 1).dtype)
-        meta = {k: v for k, v in reader.meta.items()
-                if k not in ("format", "params", "stages", "column_order")}
         self._index["runs"][run_id] = {
             "status": "ok", "file": reader.path.name, "rows": reader.heads,
-            "stages": reader.stages, "dtype": dtype_name, "meta": meta}
+            "stages": reader.stages, "dtype": dtype_name, "meta": reader.run_meta}
         self._save_index()
         return self._index["runs"][run_id]
 
     def add_failed(self, run_id: str, meta: dict, error: str, overwrite: bool = False) -> None:
         """Record a run that was abandoned, so it is reported and not retried."""
-        self._claim(run_id, overwrite)
+        self.claim(run_id, overwrite)
         self._index["runs"][run_id] = {"status": "failed", "error": str(error), "meta": meta}
         self._save_index()
 

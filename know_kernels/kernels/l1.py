@@ -5,24 +5,24 @@ one-step prediction for row i minus ``target[i]`` (``loss_space="original"``), o
 difference divided by the row's normalisation scale (``"normalised"``; the scale is 1 for
 ``raw``).  ``.backward()`` fills the head's parameter gradients.
 
-One entry point, several backends, dispatched like ``nowcast``.  ``reference`` is plain
-torch autograd on ``reference.py``.  The fused backends (``cpu``, ``triton``, ``cuda``,
-``ops/l1_<name>.py``) run forward, loss and backward in one pass over the rows and return
-the gradient with respect to the packed head (``packing.pack``); ``pack`` is differentiable,
-so autograd carries it on to the head's own parameters.  They are wrapped in the custom op
+One entry point, several backends, dispatched like ``nowcast`` (``backends.py``).
+``reference`` is plain torch autograd on ``reference.py``.  The fused backends (``cpu``,
+``triton``, ``cuda``, ``ops/l1_<name>.py``) run forward, loss and backward in one pass over
+the rows and return the gradient with respect to the packed head (``packing.pack``);
+``pack`` is differentiable, so autograd carries it on to the head's own parameters.  They are wrapped in the custom op
 ``know_kernels::l1_fused``, so optimisers, gradient clipping, DDP and torch.compile see an
 ordinary differentiable function.
 
-Backend contract (``ops/l1_<name>.py``):
+Backend contract (``run``; ``backends.py`` lists what else a backend module provides):
 
-    available(device: torch.device) -> tuple[bool, str]   # usable here?, why not
     run(rows, target, packed, *, S, norm, loss_space, grad) -> torch.Tensor
 
 ``rows``: contiguous (N, S) float32, bfloat16 or float16, oldest value first; ``target``:
-contiguous (N,) float32; ``packed``: the float32 vector of ``packing.pack`` on the same
-device; ``grad``: float32, ``packing.packed_size(S)`` elements, which the kernel OVERWRITES
-with d(sum_i |e_i|)/d(packed).  ``run`` returns sum_i |e_i| (the sum, not the mean) as a
-0-d float32 tensor.  N = 0 gives 0 and a zero gradient.
+contiguous (N,) float32; ``packed``: the float32 vector of ``packing.pack``; ``grad``:
+float32, ``packing.packed_size(S)`` elements, which the kernel OVERWRITES with
+d(sum_i |e_i|)/d(packed); all on one device.  ``l1_loss`` validates every argument (``norm``
+and ``loss_space`` among them) and the backends trust it.  ``run`` returns sum_i |e_i|
+(the sum, not the mean) as a 0-d float32 tensor.  N = 0 gives 0 and a zero gradient.
 
 Sub-gradients are torch autograd's, so every backend agrees with ``reference``:
 d|e|/de = sign(e) with sign(0) = 0 (and sign(NaN) = 0, as torch's ``sgn``);
@@ -38,9 +38,8 @@ from typing import Optional
 
 import torch
 
-from .nowcast import KERNEL_DTYPES, _kernel_module, check_rows
-from .nowcast import backend_status as _backend_status
-from .nowcast import resolve_backend as _resolve_backend
+from . import backends
+from .backends import check_kernel_dtype, check_rows, fused_module
 from .packing import pack, packed_size
 from .reference import check_norm, normalise, residual_ref
 
@@ -50,7 +49,7 @@ OP = "l1"
 
 def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
     """Whether backend ``name`` of ``l1_loss`` can run on ``device`` here, and if not, why."""
-    return _backend_status(name, device, op=OP)
+    return backends.backend_status(name, device, op=OP)
 
 
 # Constant for torch.compile: the choice depends on its arguments and on what is installed,
@@ -59,7 +58,7 @@ def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool,
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``auto``: cuda, then triton for CUDA tensors; cpu for CPU tensors; reference when
     none is usable or for float64 rows (the fused kernels compute in float32)."""
-    return _resolve_backend(backend, device, dtype, op=OP)
+    return backends.resolve_backend(backend, device, dtype, op=OP)
 
 
 def check_loss_space(loss_space: str) -> str:
@@ -68,31 +67,22 @@ def check_loss_space(loss_space: str) -> str:
     return loss_space
 
 
-def check_run_args(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor,
-                   grad: torch.Tensor, S: int) -> None:
-    """The dtypes and sizes of target, packed and grad the backend contract promises (for
-    the backends' ``run`` to check; devices and layout are theirs)."""
-    n = rows.shape[0]
-    if target.dtype != torch.float32 or tuple(target.shape) != (n,):
-        raise ValueError(f"target must be float32 of shape ({n},), got {target.dtype} "
-                         f"{tuple(target.shape)}")
-    size = packed_size(S)
-    for name, t in (("packed", packed), ("grad", grad)):
-        if t.dtype != torch.float32 or t.numel() != size:
-            raise ValueError(f"{name} must hold packing.packed_size({S}) = {size} float32 "
-                             f"values, got {t.numel()} {t.dtype}")
-
-
 def l1_reference(rows: torch.Tensor, target: torch.Tensor, head, *, norm: Optional[str] = None,
                  loss_space: str = "original") -> torch.Tensor:
     """The mean L1 by plain autograd on the reference model, in float64 for float64 rows and
     float32 otherwise (whatever the head's dtype)."""
+    return _reference_mean(rows, target, head, check_norm(norm or head.norm),
+                           check_loss_space(loss_space))
+
+
+def _reference_mean(rows: torch.Tensor, target: torch.Tensor, head, norm: str,
+                    loss_space: str) -> torch.Tensor:
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     params = {k: v.to(device=rows.device, dtype=dtype) for k, v in head.params_dict().items()}
-    x, scale, shift = normalise(rows.to(dtype), check_norm(norm or head.norm))
+    x, scale, shift = normalise(rows.to(dtype), norm)
     pred = x[:, -1] + residual_ref(x, params)
     target = target.to(dtype)
-    if check_loss_space(loss_space) == "normalised":
+    if loss_space == "normalised":
         e = pred - (target - shift) / scale
     else:
         e = pred * scale + shift - target
@@ -103,9 +93,10 @@ def l1_reference(rows: torch.Tensor, target: torch.Tensor, head, *, norm: Option
 def _l1_fused(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, S: int, norm: str,
               loss_space: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum |e|, d(sum |e|)/d(packed)) from backend ``backend``'s fused kernel."""
+    # The backend module is looked up here, not in l1_loss: importing is opaque to Dynamo.
+    module = fused_module(backend, OP, S)
     grad = torch.empty(packed_size(S), dtype=torch.float32, device=packed.device)
-    total = _kernel_module(backend, OP).run(rows, target, packed, S=S, norm=norm,
-                                            loss_space=loss_space, grad=grad)
+    total = module.run(rows, target, packed, S=S, norm=norm, loss_space=loss_space, grad=grad)
     return total, grad
 
 
@@ -153,10 +144,8 @@ def l1_loss(rows: torch.Tensor, target: torch.Tensor, head, *, backend: str = "a
     check_loss_space(loss_space)
     name = resolve_backend(backend, rows.device, rows.dtype)
     if name == "reference":
-        return l1_reference(rows, target, head, norm=norm, loss_space=loss_space)
-    if rows.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"backend {name!r} takes rows of {KERNEL_DTYPES}, got {rows.dtype}; "
-                        f"use backend='reference' for float64")
+        return _reference_mean(rows, target, head, norm, loss_space)
+    check_kernel_dtype(name, rows.dtype)
     if rows.requires_grad or target.requires_grad:
         raise ValueError(f"backend {name!r} differentiates with respect to the head only, but "
                          f"rows or target require grad; use backend='reference'")

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .predict import Segment
+from .plan import Segment
 
 T = TypeVar("T")
 

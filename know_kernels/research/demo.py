@@ -1,7 +1,7 @@
 """The KNOW pipeline end to end on small embedded data (``know demo``).
 
 1. Pretrain Θ^0, a small ResNet, on Fashion-MNIST's classes 0–4 (a random D^0 of 2,000
-   images) **to convergence** (:class:`~know_kernels.research.forgetting.Convergence`, checked on
+   images) **to convergence** (:class:`~know_kernels.research.training.Convergence`, checked on
    held-out source images).
 2. The yardstick: the same recipe, same initialisation, on nested D^{-1} ⊃ D^0 and
    D^{-2} ⊃ D^{-1} with 2× and 4× the images (:mod:`know_kernels.research.more_data`).
@@ -34,12 +34,12 @@ from ..fileio import PathLike, atomic_path, write_json
 from .forgetting import check_r, check_stages, derive_seed, progressive_forgetting
 from ..known.heads import KNOWN
 from .more_data import PretrainRecipe, more_data_candidates, nested_prefixes
-from ..pipeline.predict import group_by_head
+from ..pipeline.plan import group_by_head
 from .probe import LinearProbe
 from ..known.routing import route_state
+from .report import format_table, plot_results
 from .transfer import (PAPER_ORDER, Candidate, FineTune, check_input_shape,
-                       check_methods, check_seeds, format_table, know_candidates,
-                       plot_results, select_classes, transfer)
+                       check_methods, check_seeds, know_candidates, select_classes, transfer)
 from .verdict import verdict
 from .zoo import build_model, count_parameters
 

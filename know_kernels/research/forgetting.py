@@ -23,28 +23,18 @@ measured time of stages 1..S-1, relative to training Θ^0, with the paper's esti
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from ..known.routing import Route
+from ..io.recorder import state_refs
 from ..io.store import Trajectory
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the run cannot go on."""
-
-    def __init__(self, stage: int, step: int, loss: float):
-        super().__init__(f"non-finite loss {loss} at stage {stage}, step {step}")
-        self.stage, self.step, self.loss = stage, step, loss
+from ..known.routing import Route
+from .training import (OPTIMIZERS, Convergence, check_positive, make_optimizer, pretrain,
+                       top1_accuracy, train_steps)
 
 
 def check_r(r: float) -> float:
@@ -75,16 +65,6 @@ def derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1,
                                                                                     np.uint64)[0]
                >> np.uint64(1))
-
-
-def state_refs(model_or_state) -> Mapping[str, torch.Tensor]:
-    """The module's state dict (its own tensors, not copies) or the given mapping."""
-    state = (model_or_state.state_dict() if isinstance(model_or_state, nn.Module)
-             else model_or_state)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"record() takes an nn.Module or a state dict, got "
-                        f"{type(model_or_state).__name__}")
-    return state
 
 
 def _state_of(model_or_state) -> dict[str, torch.Tensor]:
@@ -213,164 +193,6 @@ class ForgettingSchedule:
         return traj
 
 
-# --------------------------------------------------------------------------- training loop
-
-def _batches(dataset: Dataset, indices: torch.Tensor, batch_size: int,
-             generator: torch.Generator, device: torch.device):
-    """Full batches of a fresh shuffle of ``indices``; a trailing partial batch is dropped
-    (it reappears in other epochs' shuffles) so every step sees ``batch_size`` samples."""
-    order = indices[torch.randperm(indices.numel(), generator=generator)]
-    tensors = getattr(dataset, "tensors", None)
-    for start in range(0, order.numel() - batch_size + 1, batch_size):
-        chunk = order[start:start + batch_size]
-        if tensors is not None:
-            x, y = tensors[0][chunk], tensors[1][chunk]
-        else:
-            x, y = default_collate([dataset[int(i)] for i in chunk])[:2]
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (in eval mode; the mode is restored)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    indices = torch.arange(len(dataset))
-    tensors = getattr(dataset, "tensors", None)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        if tensors is not None:
-            x, y = tensors[0][chunk], tensors[1][chunk]
-        else:
-            x, y = default_collate([dataset[int(i)] for i in chunk])[:2]
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += chunk.numel()
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
-def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
-    """A fresh optimizer of :data:`OPTIMIZERS` (momentum for SGD only)."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def check_positive(name: str, value, integer: bool = False):
-    """Refuse anything but a positive finite number (``integer``: a positive int), naming
-    ``name`` in the error."""
-    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if integer \
-        else isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value <= 0:
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, "
-                         f"got {value!r}")
-
-
-def train_steps(model, dataset, indices, *, stage, steps, batch_size, optimizer, cosine,
-                generator, device, bar=None, epoch_end=None) -> int:
-    """``steps`` optimizer steps of cross-entropy on full batches of ``indices``, reshuffled
-    at every pass (a budget larger than one pass revisits the subset), cosine-annealed to 0
-    when ``cosine``.  ``bar.update(1)`` after each step; ``epoch_end()`` after each complete
-    pass.  A NaN/inf loss raises :class:`NonFiniteLossError` (``stage`` names it).  Returns
-    the number of samples seen."""
-    if steps > 0 and indices.numel() < batch_size:
-        # No full batch: the loop below would never make a step.
-        raise ValueError(f"{indices.numel()} samples hold no full batch of {batch_size}")
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-                 if cosine else None)
-    model.train()
-    step = 0
-    while step < steps:
-        for x, y in _batches(dataset, indices, batch_size, generator, device):
-            if step == steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(stage, step, loss.item())
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-        else:
-            if epoch_end is not None:
-                epoch_end()
-                model.train()
-    return step * batch_size
-
-
-@dataclass(frozen=True)
-class Convergence:
-    """When Θ^0 counts as trained to convergence.
-
-    Θ^0 trains in cosine cycles that each end at a learning rate of 0; after every epoch
-    its accuracy on held-out source images (never part of D^0) is measured.  The criterion
-    holds when the last quarter of the epochs gained less than ``tol`` points of held-out
-    accuracy over the best epoch before it: a model that still improves while its learning
-    rate runs out was stopped too early.  Until it holds, another cycle of the same length
-    starts at half the previous peak rate, up to ``max_cycles`` cycles; the record says
-    whether it held in the end.
-    """
-    tol: float = 0.5          # accuracy points
-    max_cycles: int = 3
-
-    def __post_init__(self):
-        check_positive("tol", self.tol)
-        check_positive("max_cycles", self.max_cycles, integer=True)
-
-    def gain(self, history: Sequence[float]) -> float:
-        """Points gained by the last quarter of ``history`` (held-out accuracy per epoch, as
-        fractions) over the best epoch before it."""
-        if len(history) < 4:
-            raise ValueError(f"the criterion needs >= 4 epochs, got {len(history)}")
-        head = len(history) - len(history) // 4
-        return 100.0 * (max(history[head:]) - max(history[:head]))
-
-    def holds(self, history: Sequence[float]) -> bool:
-        return self.gain(history) < self.tol
-
-
-def pretrain(model: nn.Module, dataset: Dataset, indices: torch.Tensor, *, epochs: int,
-             lr: float, batch_size: int, optimizer: str = "adam", momentum: float = 0.9,
-             weight_decay: float = 0.0, generator: torch.Generator,
-             val_dataset: Optional[Dataset] = None,
-             convergence: Convergence = Convergence(), eval_batch_size: int = 1024,
-             bar=None) -> dict[str, Any]:
-    """Train ``model`` on ``indices`` in cosine cycles of ``epochs`` epochs (see
-    :class:`Convergence`; without ``val_dataset`` one cycle and no check).  Returns the
-    record kept in a run's metadata: samples, epochs, cycles, the held-out accuracy per
-    epoch, the last quarter's gain and whether the criterion held (None: not checked)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    device = trainable[0].device
-    history: list[float] = []
-    on_epoch = None if val_dataset is None else \
-        (lambda: history.append(evaluate(model, val_dataset, eval_batch_size)))
-    steps = epochs * (indices.numel() // batch_size)
-    samples = cycles = 0
-    peak = lr
-    while True:
-        opt = make_optimizer(optimizer, trainable, peak, momentum, weight_decay)
-        samples += train_steps(model, dataset, indices, stage=0, steps=steps,
-                               batch_size=batch_size, optimizer=opt, cosine=True,
-                               generator=generator, device=device, bar=bar,
-                               epoch_end=on_epoch)
-        cycles += 1
-        if val_dataset is None or convergence.holds(history) \
-                or cycles == convergence.max_cycles:
-            break
-        peak /= 2
-    return {"samples": samples, "epochs": epochs * cycles, "cycles": cycles,
-            "val_acc": history,
-            "gain_last_quarter": convergence.gain(history) if val_dataset is not None else None,
-            "tol": convergence.tol if val_dataset is not None else None,
-            "converged": convergence.holds(history) if val_dataset is not None else None}
-
-
 def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stages: int = 7,
                            epochs_per_stage: int = 1, stage_samples: Optional[int] = None,
                            batch_size: int = 64, lr: float = 1e-3,
@@ -403,8 +225,12 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     Returns the :class:`ForgettingSchedule` holding the subsets, the snapshots Θ^0..Θ^{S-1},
     the test accuracy after each stage (``test_dataset``, else None), seconds and samples
     per stage.  All settings are checked before any training; a NaN/inf loss raises
-    :class:`NonFiniteLossError`.
+    :class:`NonFiniteLossError`.  This is :func:`know_kernels.research.forget.forget` with
+    these loops as its ``pretrain_fn`` and ``train_fn``.
     """
+    # forget.py builds on ForgettingSchedule and so imports this module.
+    from .forget import forget
+
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     for name, value in (("epochs_per_stage", epochs_per_stage), ("batch_size", batch_size),
@@ -430,10 +256,9 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     if not trainable:
         raise ValueError("model has no trainable parameters (all requires_grad=False)")
 
+    # forget() draws these same seeded subsets again (and checks the indices); drawing them
+    # here lets every batch size be checked before any training.
     schedule = ForgettingSchedule(len(dataset) if indices is None else indices, r, stages, seed)
-    if schedule.d0_indices.numel() and (schedule.d0_indices.min() < 0
-                                        or schedule.d0_indices.max() >= len(dataset)):
-        raise ValueError(f"indices must lie in 0..{len(dataset) - 1}")
     schedule.check_batch_size(batch_size)
     pretrain_bs = pretrain_batch_size or batch_size
     if pretrain_epochs:
@@ -450,9 +275,8 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     device = trainable[0].device
     generator = torch.Generator().manual_seed(derive_seed(schedule.seed, 1))
 
-    def accuracy():
-        return evaluate(model, test_dataset, eval_batch_size) if test_dataset is not None \
-            else None
+    def accuracy(model):
+        return top1_accuracy(model, test_dataset, eval_batch_size)
 
     sizes = schedule.sizes
     stage_steps = [stage_samples // batch_size if stage_samples is not None
@@ -461,27 +285,28 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     from tqdm.auto import tqdm
     with tqdm(total=total_steps, disable=not progress, leave=False, unit="step",
               desc="forgetting") as bar:
-        seconds = samples = None
-        if pretrain_epochs:
-            started = time.perf_counter()
-            record = pretrain(model, dataset, schedule.subset(0), epochs=pretrain_epochs,
-                              lr=pretrain_lr or lr, batch_size=pretrain_bs,
-                              optimizer=optimizer, momentum=momentum,
+        def pretrain_d0(model, subset):
+            record = pretrain(model, dataset, torch.as_tensor(subset.indices),
+                              epochs=pretrain_epochs, lr=pretrain_lr or lr,
+                              batch_size=pretrain_bs, optimizer=optimizer, momentum=momentum,
                               weight_decay=weight_decay, generator=generator,
                               val_dataset=val_dataset, convergence=convergence,
                               eval_batch_size=eval_batch_size, bar=bar)
-            samples = record["samples"]
             schedule.info["pretrain"] = record
-            seconds = time.perf_counter() - started
-        schedule.record(0, model, test_acc=accuracy(), seconds=seconds, samples=samples)
-        for stage, steps in enumerate(stage_steps, 1):
-            started = time.perf_counter()
+            return record["samples"]
+
+        def fine_tune(model, subset):
             opt = make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
-            samples = train_steps(model, dataset, schedule.subset(stage), stage=stage,
-                                   steps=steps, batch_size=batch_size, optimizer=opt,
-                                   cosine=False, generator=generator, device=device, bar=bar)
-            seconds = time.perf_counter() - started
-            bar.set_postfix(stage=stage)
-            schedule.record(stage, model, test_acc=accuracy(), seconds=seconds,
-                            samples=samples)
-    return schedule
+            samples = train_steps(model, dataset, torch.as_tensor(subset.indices),
+                                  stage=subset.stage, steps=stage_steps[subset.stage - 1],
+                                  batch_size=batch_size, optimizer=opt, cosine=False,
+                                  generator=generator, device=device, bar=bar)
+            bar.set_postfix(stage=subset.stage)
+            return samples
+
+        result = forget(model, dataset, fine_tune, r=r, stages=stages, seed=seed,
+                        indices=schedule.d0_indices,
+                        pretrain_fn=pretrain_d0 if pretrain_epochs else None,
+                        evaluate_fn=None if test_dataset is None else accuracy)
+    result.schedule.info.update(schedule.info)
+    return result.schedule

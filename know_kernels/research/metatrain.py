@@ -268,7 +268,7 @@ def baseline_predictors() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     }
 
 
-def evaluate(store: MetaDataset, runs: Sequence[str], head_name: str, S: int,
+def prediction_errors(store: MetaDataset, runs: Sequence[str], head_name: str, S: int,
              predictors: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
              *, chunk_rows: int = 1 << 16) -> dict[str, float]:
     """Mean L1 (original units) to the true next snapshot over every window of ``runs``."""

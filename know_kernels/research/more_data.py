@@ -2,7 +2,7 @@
 
 KNOW claims to give weights "as if trained on more data".  Whether a downstream task can see
 that at all is measured by training the real thing: the same network, the same
-initialisation, the same pretraining recipe (:func:`know_kernels.research.forgetting.pretrain`, to
+initialisation, the same pretraining recipe (:func:`know_kernels.research.training.pretrain`, to
 convergence), on nested supersets D^{-k} ⊃ D^0 of ``factor`` × |D^0| images.  Its rows say
 how much real extra data is worth on the task, and every method's gain is read as a
 fraction of it.  A task on which twice the data does not beat Θ^0 cannot measure
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .forgetting import Convergence, check_positive, evaluate, pretrain
+from .training import Convergence, check_positive, pretrain, top1_accuracy
 from .transfer import MORE_DATA, Candidate
 
 
@@ -87,7 +87,7 @@ def more_data_candidates(model_fn: Callable[[], nn.Module], dataset: Dataset,
                           generator=torch.Generator().manual_seed(order_seed),
                           val_dataset=val_dataset, convergence=recipe.convergence)
         if test_dataset is not None:
-            record["test_acc"] = 100 * evaluate(model, test_dataset)
+            record["test_acc"] = 100 * top1_accuracy(model, test_dataset)
         records.append({"factor": factor, "images": indices.numel(), **record})
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         candidates.append(Candidate(MORE_DATA, k, factor, state))

@@ -25,7 +25,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .backbone import load_backbone
-from .forgetting import check_positive
+from .training import check_positive
 
 
 @dataclass(frozen=True)

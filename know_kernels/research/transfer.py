@@ -12,7 +12,8 @@ identically for every candidate,
 so the paired difference candidate − naive cancels the seed-to-seed spread of subsets and
 head inits (about 2 points on data-scarce tasks) and keeps the effect of the starting
 weights (a few tenths of a point).  The report is the mean paired difference with its
-standard error s_d / √n over n ≥ 2 seeds::
+standard error s_d / √n over n ≥ 2 seeds (:mod:`know_kernels.research.stats`), printed
+by :mod:`know_kernels.research.report`::
 
     candidates = know_candidates([theta0, theta1, theta2, theta3, theta4], r=0.5, known=known)
     result = transfer(candidates, lambda: build_model("resnet", (1, 28, 28), 10), digits,
@@ -24,7 +25,6 @@ trained on r^{-k}·|D^0| (×2, ×4, ×8 for r = 0.5), Θ^1 on r·|D^0| (×0.5).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -36,12 +36,14 @@ from torch.utils.data import TensorDataset
 from .backbone import classifier_keys, load_backbone
 from ..kernels.baselines import DEFAULT_LAMBDA
 from .data import DataSplit
-from .forgetting import (OPTIMIZERS, NonFiniteLossError, check_positive, make_optimizer,
-                         train_steps, check_r, derive_seed, evaluate)
-from ..fileio import PathLike, atomic_path
+from .forgetting import check_r, derive_seed
 from ..known.heads import KNOWN
-from ..pipeline.predict import METHODS, Checkpoint, load_checkpoints, predict
+from ..pipeline.options import METHODS
+from ..pipeline.predict import Checkpoint, load_checkpoints, predict
 from .probe import LinearProbe, candidate_features, fit_probe
+from .stats import MIN_SEEDS, mean_std, paired_difference, t_critical
+from .training import (OPTIMIZERS, NonFiniteLossError, check_positive, make_optimizer,
+                       top1_accuracy, train_steps)
 
 NAIVE = "naive"
 MORE_DATA = "more-data"
@@ -50,7 +52,6 @@ DISPLAY = {NAIVE: "Naive transfer", MORE_DATA: "More data (real)", "known": "KNO
            "taskvector": "TaskVector", "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit"}
 # The paper's Table 1 order.
 PAPER_ORDER = ("known", "taskvector", "linear", "log", "exp")
-MIN_SEEDS = 2
 
 
 def check_methods(methods: Union[str, Sequence[str]]) -> tuple[str, ...]:
@@ -259,40 +260,10 @@ def fine_tune(weights: Mapping[str, torch.Tensor], model_fn: Callable[[], nn.Mod
                          device=torch.device(device), bar=bar)
         except NonFiniteLossError as exc:
             diverged = exc.step
-    return 100.0 * evaluate(model, task.test), diverged
+    return 100.0 * top1_accuracy(model, task.test), diverged
 
 
 # ------------------------------------------------------------------------------ results
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1 in the denominator)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
-
-
-# Student's t 0.975 quantiles for 1..30 degrees of freedom; beyond 30 the df-30 value is a
-# slightly conservative stand-in (the limit is 1.960).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_critical(n: int) -> float:
-    """Half-width of a 95% confidence interval in standard errors, for n paired values."""
-    return _T975[min(n - 1, len(_T975)) - 1]
-
-
-def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
-    """Mean of d_s = values_s − baseline_s and its standard error s_d / √n."""
-    d = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    if d.ndim != 1 or d.size < MIN_SEEDS:
-        raise ValueError(f"need >= {MIN_SEEDS} paired values of equal length, got "
-                         f"{len(values)} and {len(baseline)}")
-    mean, sd = mean_std(d)
-    # Accuracies are counts over a test set: equal differences on every seed leave only
-    # rounding noise in sd, which is no spread.
-    return mean, (sd / math.sqrt(d.size) if sd > 1e-9 else 0.0)
-
 
 @dataclass(frozen=True)
 class Row(Entry):
@@ -415,74 +386,3 @@ def transfer(candidates: Sequence[Candidate], model_fn: Callable[[], nn.Module],
                  for c, k in zip(candidates, keys))
     return TransferResult(task.name, task.num_classes, plans[0].indices.numel(),
                           len(task.test), tuple(seeds), rows, recipe)
-
-
-# ----------------------------------------------------------------------------- reporting
-
-def format_table(result: Union[TransferResult, dict]) -> str:
-    """The result as a Markdown table shaped like the paper's Table 1, with a legend."""
-    res = result.to_dict() if isinstance(result, TransferResult) else result
-    n = len(res["seeds"])
-    lines = [f"| method | ×n | accuracy (%) | Δ vs {res['baseline']} (points) |",
-             "|---|---|---:|---:|"]
-    for row in res["rows"]:
-        if row["method"] == NAIVE and row["step"] == 0:
-            diff = "reference"
-        else:
-            # + 0.0 turns the -0.0 of float noise (e.g. -1e-15 rounded) into +0.00.
-            diff = f"{round(row['diff_mean'], 9) + 0.0:+.2f} ± {row['diff_se']:.2f}"
-            if row["significant"]:
-                diff += " *"
-        acc = f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}"
-        if row["diverged"]:
-            acc += f" (diverged {len(row['diverged'])}/{n})"
-        lines.append(f"| {row['name']} | {row['label']} | {acc} | {diff} |")
-    lines.append("")
-    lines.append(f"{res['task']}: {res['num_classes']} classes, {res['train_images_per_seed']} "
-                 f"training images per seed, {res['test_images']} test images, {n} seeds. "
-                 f"Accuracy: mean ± std over seeds. Δ: mean paired difference ± its standard "
-                 f"error (same subset, head init and batch order per seed); "
-                 f"* its 95% confidence interval (t, {n - 1} d.o.f.) excludes 0.")
-    return "\n".join(lines)
-
-
-def plot_results(results: Sequence[Union[TransferResult, dict]], path: PathLike,
-                 title: str = "") -> None:
-    """PNG: per task, accuracy (± std) and paired Δ vs naive (± s.e.) against ×n, one line
-    per method (log2 axis); written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    results = [r.to_dict() if isinstance(r, TransferResult) else r for r in results]
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
-    for (ax_acc, ax_diff), res in zip(axes, results):
-        methods = list(dict.fromkeys(row["method"] for row in res["rows"]))
-        for i, method in enumerate(methods):
-            rows = sorted((r for r in res["rows"] if r["method"] == method),
-                          key=lambda r: r["factor"])
-            x = [r["factor"] for r in rows]
-            style = dict(marker="os^vDP"[i % 6], capsize=3, label=rows[0]["name"],
-                         linestyle="--" if method == NAIVE else "-")
-            ax_acc.errorbar(x, [r["acc_mean"] for r in rows], [r["acc_std"] for r in rows],
-                            **style)
-            ax_diff.errorbar(x, [r["diff_mean"] for r in rows], [r["diff_se"] for r in rows],
-                             **style)
-        ax_diff.axhline(0.0, color="grey", linewidth=0.8)
-        for ax, ylabel in ((ax_acc, "test accuracy (%), mean ± std"),
-                           (ax_diff, f"Δ vs {res['baseline']} (points), mean ± s.e.")):
-            ax.set_xscale("log", base=2)
-            factors = sorted({row["factor"] for row in res["rows"]})
-            ax.set_xticks(factors, [factor_label(f) for f in factors])
-            ax.minorticks_off()
-            ax.set_xlabel("×n: data the weights stand for, relative to D^0")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{res['task']} ({len(res['seeds'])} paired seeds)")
-            ax.grid(alpha=0.3)
-        ax_acc.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

@@ -10,26 +10,23 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from ..l1 import check_run_args
-from .nowcast_cpu import DTYPE_NAMES, check_tensors, isa
+from . import check_l1_call, dtype_code
+from .nowcast_cpu import extension_status, isa
+
+MAX_WINDOW = None
 
 
 def available(device: torch.device) -> tuple[bool, str]:
-    if device.type != "cpu":
-        return False, f"the cpu backend runs on CPU tensors, not {device.type}"
-    if _ext._C is None:
-        return False, f"know_kernels._C is not built ({_ext.IMPORT_ERROR})"
-    if not hasattr(_ext._C, "l1"):
-        return False, "know_kernels._C was built without the fused L1 kernel; rebuild it"
-    return True, "fused C++ kernel, instruction sets here: " + ", ".join(_ext._C.runnable_isas())
+    return extension_status(device, "l1_loss")
 
 
 def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str,
         loss_space: str, grad: torch.Tensor) -> torch.Tensor:
-    """Overwrites ``grad`` with d(sum |e|)/d(packed); returns sum |e| (0-d float32)."""
-    check_tensors(rows, S, target=target, packed=packed, grad=grad)
-    check_run_args(rows, target, packed, grad, S)
-    total = _ext.require_C().l1(rows.data_ptr(), DTYPE_NAMES[rows.dtype], rows.shape[0], S,
-                                target.data_ptr(), packed.data_ptr(), packed.numel(), norm,
-                                loss_space, grad.data_ptr(), torch.get_num_threads(), isa())
+    """Backend entry point (see ``know_kernels.kernels.l1``): overwrites ``grad`` with
+    d(sum |e|)/d(packed) and returns the sum of |e| as a 0-d float32 tensor."""
+    check_l1_call(rows, target, packed, grad, S=S, device_type="cpu")
+    C = _ext.require_C()
+    total = C.l1_loss(rows.data_ptr(), dtype_code(C, rows.dtype), target.data_ptr(),
+                      packed.data_ptr(), grad.data_ptr(), rows.shape[0], S, norm == "wnn",
+                      loss_space == "normalised", torch.get_num_threads(), isa())
     return torch.tensor(total, dtype=torch.float32)

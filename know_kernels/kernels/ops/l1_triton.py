@@ -28,24 +28,17 @@ import functools
 
 import torch
 
-from ..l1 import check_loss_space, check_run_args
-from ..packing import packed_offsets, packed_size
-from ..reference import check_norm
-from . import require_runnable
-from .nowcast_triton import PRECISIONS as _NOWCAST_PRECISIONS
-from .nowcast_triton import (_device, _pad_dim, autotune_bucket, available, bottleneck_tiles,
-                             check_rows, hidden_chunk, interpreting, stream_forward,
-                             stream_offsets, tanh_parts, triton, wnn_normalise)
+from ..packing import packed_offsets
+from . import check_l1_call, invariant
+from .triton_common import (BOT, DOT_PRECISIONS, HID, OUT, PAD, SLOPE, autotune_bucket,
+                            available, bottleneck_tiles, device_function, hidden_chunk,
+                            interpreting, pad_dim, stream_forward, stream_offsets, tanh_parts,
+                            tl, triton, wnn_normalise)
 
-PRECISIONS = tuple(p for p in _NOWCAST_PRECISIONS if p != "bf16")
+__all__ = ["MAX_WINDOW", "available", "kernel", "run"]
 
-if triton is not None:
-    import triton.language as tl
-    # Constexpr globals shared with the inference kernel (layout sizes, slope).
-    from .nowcast_triton import _BOT, _HID, _OUT, _PAD, _SLOPE
-
-__all__ = ["available", "run"]
-
+PRECISIONS = tuple(p for p in DOT_PRECISIONS if p != "bf16")
+MAX_WINDOW = None
 INTERPRET_BLOCK_M = 32
 INTERPRET_HCHUNK = 32
 INTERPRET_NUM_WARPS = 4
@@ -58,45 +51,45 @@ INTERPRET_PROGRAMS = 3
 PROGRAMS_PER_SM = 4
 
 
-@_device
+@device_function
 def _accumulate(ptr, value, mask):
     # The program's own row of the buffer: no other program touches it, and Triton stores
     # each element from one thread (replicas are masked off), the one that loaded it.
     tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
 
 
-@_device
+@device_function
 def _stream_backward(inp, z, dv, packed_ptr, grad_ptr, base, n, KP: tl.constexpr,
                      HCHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """Adds this block's gradient of one stream's folded tensors, given dv = dL/dv."""
     b1_o, g_o, gb_o, wb_o, bb_o, wc_o, bc_o, w2_o, a2_o, b2_o = stream_offsets(base, n)
     _, _, a2 = bottleneck_tiles(packed_ptr, base, n, KP)
     r = tl.arange(0, KP)[:, None]
-    rb = tl.arange(0, _PAD)[:, None]
-    cb = tl.arange(0, _PAD)[None, :]
-    co = tl.arange(0, _OUT)[None, :]
+    rb = tl.arange(0, PAD)[:, None]
+    cb = tl.arange(0, PAD)[None, :]
+    co = tl.arange(0, OUT)[None, :]
     zt = tl.trans(z)
     it = tl.trans(inp)
-    _accumulate(grad_ptr + b2_o + tl.arange(0, _OUT), tl.sum(dv, axis=0), True)
-    _accumulate(grad_ptr + a2_o + rb * _OUT + co, tl.dot(zt, dv, input_precision=PRECISION),
-                rb < _BOT)
+    _accumulate(grad_ptr + b2_o + tl.arange(0, OUT), tl.sum(dv, axis=0), True)
+    _accumulate(grad_ptr + a2_o + rb * OUT + co, tl.dot(zt, dv, input_precision=PRECISION),
+                rb < BOT)
     dz = tl.dot(dv, tl.trans(a2), input_precision=PRECISION)
-    for c0 in range(0, _HID, HCHUNK):
+    for c0 in range(0, HID, HCHUNK):
         h, c, e, p, wb, wc, w2 = hidden_chunk(inp, z, packed_ptr, base, n, c0, KP, HCHUNK,
                                               PRECISION)
         ch = c0 + tl.arange(0, HCHUNK)
-        _accumulate(grad_ptr + w2_o + ch[:, None] * _OUT + co,
+        _accumulate(grad_ptr + w2_o + ch[:, None] * OUT + co,
                     tl.dot(tl.trans(p), dv, input_precision=PRECISION), True)
         dp = tl.dot(dv, tl.trans(w2), input_precision=PRECISION)
         db = dp * e                 # p = b e
         dpp = dp * p                # d(c h) = dp b e = dp p
         dc = dpp * h
         dh = dpp * c
-        _accumulate(grad_ptr + wb_o + rb * _HID + ch[None, :],
-                    tl.dot(zt, db, input_precision=PRECISION), rb < _BOT)
-        _accumulate(grad_ptr + wc_o + rb * _HID + ch[None, :],
-                    tl.dot(zt, dc, input_precision=PRECISION), rb < _BOT)
-        _accumulate(grad_ptr + base + r * _HID + ch[None, :],
+        _accumulate(grad_ptr + wb_o + rb * HID + ch[None, :],
+                    tl.dot(zt, db, input_precision=PRECISION), rb < BOT)
+        _accumulate(grad_ptr + wc_o + rb * HID + ch[None, :],
+                    tl.dot(zt, dc, input_precision=PRECISION), rb < BOT)
+        _accumulate(grad_ptr + base + r * HID + ch[None, :],
                     tl.dot(it, dh, input_precision=PRECISION), r < n)
         _accumulate(grad_ptr + bb_o + ch, tl.sum(db, axis=0), True)
         _accumulate(grad_ptr + bc_o + ch, tl.sum(dc, axis=0), True)
@@ -105,9 +98,9 @@ def _stream_backward(inp, z, dv, packed_ptr, grad_ptr, base, n, KP: tl.constexpr
         dz = tl.dot(dc, tl.trans(wc), dz, input_precision=PRECISION)
     # relu'(0) = 0, as torch: z > 0 exactly where the pre-activation is.
     dzp = tl.where(z > 0.0, dz, 0.0)
-    _accumulate(grad_ptr + g_o + r * _BOT + cb, tl.dot(it, dzp, input_precision=PRECISION),
-                (r < n) & (cb < _BOT))
-    _accumulate(grad_ptr + gb_o + cb, tl.sum(dzp, axis=0)[None, :], cb < _BOT)
+    _accumulate(grad_ptr + g_o + r * BOT + cb, tl.dot(it, dzp, input_precision=PRECISION),
+                (r < n) & (cb < BOT))
+    _accumulate(grad_ptr + gb_o + cb, tl.sum(dzp, axis=0)[None, :], cb < BOT)
 
 
 def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, normalised,
@@ -117,17 +110,17 @@ def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, nor
     # and wo start in the packed vector; bo ends it.  The norm and the loss space are
     # run-time flags (one branch per block): one compiled kernel serves all four
     # combinations.
-    P: tl.constexpr = O_WO + 2 * _OUT + 1
+    P: tl.constexpr = O_WO + 2 * OUT + 1
     pid = tl.program_id(0)
     grad_ptr = part_ptr + pid.to(tl.int64) * (P + 1)
     col = tl.arange(0, KP)[None, :]
     valid = col < S
     # shift[i, j] = 1 where i == j + 1, so (x @ shift)[:, j] = x[:, j + 1].
     shift = tl.where(tl.arange(0, KP)[:, None] == col + 1, 1.0, 0.0)
-    co = tl.arange(0, _OUT)
+    co = tl.arange(0, OUT)
     wo_x = tl.load(packed_ptr + O_WO + co)[None, :]
-    wo_d = tl.load(packed_ptr + O_WO + _OUT + co)[None, :]
-    bo = tl.load(packed_ptr + O_WO + 2 * _OUT)
+    wo_d = tl.load(packed_ptr + O_WO + OUT + co)[None, :]
+    bo = tl.load(packed_ptr + O_WO + 2 * OUT)
 
     for blk in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
         # blk * BLOCK_M < N fits the loop's integer type; row offsets need 64 bits.
@@ -147,8 +140,8 @@ def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, nor
 
         z_x, v_x = stream_forward(x, packed_ptr, 0, S, KP, HCHUNK, PRECISION)
         z_d, v_d = stream_forward(d, packed_ptr, O_D, S - 1, KP, HCHUNK, PRECISION)
-        u_x = tl.where(v_x >= 0.0, v_x, _SLOPE * v_x)
-        u_d = tl.where(v_d >= 0.0, v_d, _SLOPE * v_d)
+        u_x = tl.where(v_x >= 0.0, v_x, SLOPE * v_x)
+        u_d = tl.where(v_d >= 0.0, v_d, SLOPE * v_d)
         y = bo + tl.sum(u_x * wo_x, axis=1) + tl.sum(u_d * wo_d, axis=1)
         # tanh'(y) = 4 t / (1 + t)^2 with t = exp(-2|y|): no cancellation in 1 - tanh^2
         # near saturation.
@@ -168,12 +161,12 @@ def _l1_kernel(rows_ptr, target_ptr, packed_ptr, part_ptr, N, n_bucket, wnn, nor
         loss = tl.where(row_ok, loss, 0.0)
         dy = tl.where(row_ok, dy, 0.0)
         _accumulate(grad_ptr + P, tl.sum(loss, axis=0), True)
-        _accumulate(grad_ptr + O_WO + 2 * _OUT, tl.sum(dy, axis=0), True)
+        _accumulate(grad_ptr + O_WO + 2 * OUT, tl.sum(dy, axis=0), True)
         _accumulate(grad_ptr + O_WO + co, tl.sum(dy[:, None] * u_x, axis=0), True)
-        _accumulate(grad_ptr + O_WO + _OUT + co, tl.sum(dy[:, None] * u_d, axis=0), True)
+        _accumulate(grad_ptr + O_WO + OUT + co, tl.sum(dy[:, None] * u_d, axis=0), True)
         # leaky_relu'(0) = slope, as torch (x > 0 ? 1 : slope).
-        dv_x = tl.where(v_x > 0.0, 1.0, _SLOPE) * (dy[:, None] * wo_x)
-        dv_d = tl.where(v_d > 0.0, 1.0, _SLOPE) * (dy[:, None] * wo_d)
+        dv_x = tl.where(v_x > 0.0, 1.0, SLOPE) * (dy[:, None] * wo_x)
+        dv_d = tl.where(v_d > 0.0, 1.0, SLOPE) * (dy[:, None] * wo_d)
         _stream_backward(x, z_x, dv_x, packed_ptr, grad_ptr, 0, S, KP, HCHUNK, PRECISION)
         _stream_backward(d, z_d, dv_d, packed_ptr, grad_ptr, O_D, S - 1, KP, HCHUNK, PRECISION)
 
@@ -189,19 +182,19 @@ FIXED_CONFIG = None
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    """The kernel, wrapped on first use in the library's mode (see nowcast_triton)."""
+def kernel():
+    """The kernel, wrapped on first use in the library's mode (see triton_common)."""
     # Specialising on the integers' values (N divisible by 16, flags equal to 1) would only
     # multiply the compiled variants: none of them sizes an address the kernel vectorises.
-    kernel = triton.jit(_l1_kernel, do_not_specialize=("N", "n_bucket", "wnn", "normalised"))
+    jitted = triton.jit(_l1_kernel, do_not_specialize=("N", "n_bucket", "wnn", "normalised"))
     if interpreting():
-        return kernel
+        return jitted
     # Every launch adds into the buffer, so each one, the autotuner's benchmark runs and the
     # final run alike, must start from zero: a config's pre_hook runs before each of them.
     configs = [triton.Config({"BLOCK_M": block_m, "HCHUNK": chunk}, num_warps=warps,
                              num_stages=stages, pre_hook=_zero_partials)
                for block_m, chunk, warps, stages in AUTOTUNE_CONFIGS]
-    return triton.autotune(configs, key=["n_bucket", "S", "PRECISION"])(kernel)
+    return triton.autotune(configs, key=["n_bucket", "S", "PRECISION"])(jitted)
 
 
 def _zero_partials(args):
@@ -210,36 +203,25 @@ def _zero_partials(args):
 
 def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str,
         loss_space: str, grad: torch.Tensor, input_precision: str = "ieee") -> torch.Tensor:
-    """Backend entry point (see ``know_kernels.l1_loss``): overwrites ``grad`` with
-    d(sum |e|)/d(packed) and returns the sum of |e| as a 0-d float32 tensor."""
-    check_norm(norm)
-    if triton is None:
-        raise RuntimeError("triton is not importable")
-    check_loss_space(loss_space)
-    if input_precision not in PRECISIONS:
-        raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
-    check_rows(rows, S)
-    check_run_args(rows, target, packed, grad, S)
-    for name, t in (("target", target), ("packed", packed), ("grad", grad)):
-        if t.device != rows.device or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous and on {rows.device}, got "
-                             f"contiguous={t.is_contiguous()} on {t.device}")
+    """Backend entry point (see ``know_kernels.kernels.l1``): overwrites ``grad`` with
+    d(sum |e|)/d(packed) and returns the sum of |e| as a 0-d float32 tensor.
+    ``input_precision`` (module docstring) is this backend's own knob, checked here."""
+    invariant(input_precision in PRECISIONS, f"input_precision {input_precision!r}")
+    check_l1_call(rows, target, packed, grad, S=S)
     n = rows.shape[0]
-    size = packed_size(S)
+    size = packed.numel()
     if n == 0:
         grad.zero_()
         return torch.zeros((), dtype=torch.float32, device=rows.device)
-    require_runnable("triton", available, rows.device)
-    kernel = _kernel()
     offsets = packed_offsets(S)
-    args = dict(S=S, KP=_pad_dim(S), O_D=offsets["d.w1"], O_WO=offsets["wo"],
+    args = dict(S=S, KP=pad_dim(S), O_D=offsets["d.w1"], O_WO=offsets["wo"],
                 PRECISION=input_precision)
     flags = (autotune_bucket(n), int(norm == "wnn"), int(loss_space == "normalised"))
     if interpreting():
         programs = min(INTERPRET_PROGRAMS, triton.cdiv(n, INTERPRET_BLOCK_M))
         part = torch.zeros(programs, size + 1, dtype=torch.float32, device=rows.device)
-        kernel[(programs,)](rows, target, packed, part, n, *flags, BLOCK_M=INTERPRET_BLOCK_M, HCHUNK=INTERPRET_HCHUNK,
-                            num_warps=INTERPRET_NUM_WARPS, **args)
+        kernel()[(programs,)](rows, target, packed, part, n, *flags, BLOCK_M=INTERPRET_BLOCK_M,
+                              HCHUNK=INTERPRET_HCHUNK, num_warps=INTERPRET_NUM_WARPS, **args)
     else:
         with torch.cuda.device(rows.device):
             sms = torch.cuda.get_device_properties(rows.device).multi_processor_count
@@ -247,11 +229,11 @@ def run(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, *, S: in
             # Rows of programs that get no block (small N, large BLOCK_M) stay zero.
             part = torch.zeros(programs, size + 1, dtype=torch.float32, device=rows.device)
             if FIXED_CONFIG is None:
-                kernel[lambda meta: (min(programs, triton.cdiv(n, meta["BLOCK_M"])),)](
+                kernel()[lambda meta: (min(programs, triton.cdiv(n, meta["BLOCK_M"])),)](
                     rows, target, packed, part, n, *flags, **args)
             else:
                 block_m, chunk, warps, stages = FIXED_CONFIG
-                kernel.fn[(min(programs, triton.cdiv(n, block_m)),)](
+                kernel().fn[(min(programs, triton.cdiv(n, block_m)),)](
                     rows, target, packed, part, n, *flags, BLOCK_M=block_m, HCHUNK=chunk,
                     num_warps=warps, num_stages=stages, **args)
     torch.sum(part[:, :size], dim=0, out=grad.view(-1))

@@ -13,27 +13,27 @@ from typing import Optional
 import torch
 
 from ... import _ext
+from . import check_nowcast_call, dtype_code
 
 ISA_ENV = "KNOW_KERNELS_ISA"
 ISAS = ("avx512", "avx2", "portable")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_WINDOW = None
 
 
-def _module():
-    C = _ext._C
-    if C is None or not hasattr(C, "nowcast"):
-        return None
-    return C
-
-
-def available(device: torch.device) -> tuple[bool, str]:
+def extension_status(device: torch.device, entry: str) -> tuple[bool, str]:
+    """``available`` of the CPU backends: CPU tensors, and a build of know_kernels._C that
+    has the backend's ``entry``."""
     if device.type != "cpu":
         return False, f"the cpu backend runs on CPU tensors, not {device.type}"
     if _ext._C is None:
         return False, f"know_kernels._C is not built ({_ext.IMPORT_ERROR})"
-    if _module() is None:
-        return False, "know_kernels._C was built without the fused kernel; rebuild it"
-    return True, "fused C++ kernel, instruction sets here: " + ", ".join(_module().runnable_isas())
+    if not hasattr(_ext._C, entry):
+        return False, f"know_kernels._C was built without {entry}; rebuild it"
+    return True, "fused C++ kernel, instruction sets here: " + ", ".join(_ext._C.runnable_isas())
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    return extension_status(device, "nowcast")
 
 
 def isa() -> str:
@@ -58,35 +58,14 @@ def tile_rows(which: Optional[str] = None) -> int:
     return _ext.require_C().nowcast_tile_rows(which or isa())
 
 
-def check_tensors(rows: torch.Tensor, S: int, **others: torch.Tensor) -> None:
-    """All contiguous CPU tensors, rows (N, S) of a dtype the kernels read."""
-    for name, t in (("rows", rows), *others.items()):
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CPU tensor")
-    if rows.dim() != 2 or rows.shape[1] != S:
-        raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
-    if rows.dtype not in DTYPE_NAMES:
-        raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
-
-
 def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: int,
         out: torch.Tensor, threads: Optional[int]) -> None:
+    """Backend entry point (see ``know_kernels.kernels.nowcast``)."""
     C = _ext.require_C()
-    check_tensors(rows, S, packed=packed, out=out)
-    if out.dtype not in DTYPE_NAMES:
-        raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
-    if packed.dtype != torch.float32 or packed.dim() != 1:
-        raise ValueError("packed must be the 1-D float32 vector of packing.pack")
-    n = rows.shape[0]
-    if tuple(out.shape) not in ((n, steps), (n,)):
-        raise ValueError(f"out must be ({n}, {steps}) or ({n},), got {tuple(out.shape)}")
-    if threads is None:
-        threads = torch.get_num_threads()
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    C.nowcast(rows.data_ptr(), DTYPE_NAMES[rows.dtype], n, S, packed.data_ptr(),
-              packed.numel(), norm, steps, out.dim() == 2, out.data_ptr(),
-              DTYPE_NAMES[out.dtype], threads, isa())
+    check_nowcast_call(rows, packed, out, S=S, steps=steps, device_type="cpu")
+    C.nowcast(rows.data_ptr(), dtype_code(C, rows.dtype), packed.data_ptr(), out.data_ptr(),
+              dtype_code(C, out.dtype), rows.shape[0], S, norm == "wnn", steps, out.dim() == 2,
+              threads or torch.get_num_threads(), isa())
 
 
 def vec_math(fn: str, x: torch.Tensor, which: Optional[str] = None) -> torch.Tensor:

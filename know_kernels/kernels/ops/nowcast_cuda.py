@@ -1,6 +1,6 @@
 """The ``cuda`` backend of ``nowcast``: the tensor-core kernel of ``know_kernels._cuda``
-(csrc/cuda/nowcast.cu).  That module links no torch: this wrapper validates the tensors
-and hands over device pointers and the current torch stream.
+(csrc/cuda/nowcast.cu).  That module links no torch: this wrapper hands over device
+pointers and the current torch stream.
 
 ``mode`` picks the products' precision: ``"precise"`` (default) splits every float32
 operand into two TF32 parts and sums three tensor-core products (3xTF32), which meets
@@ -15,7 +15,8 @@ same arithmetic runs either way, so the results are identical; only the speed di
 by card.  Left as None, the first call on a device with at least ``TUNE_MIN_ROWS`` rows
 times both on its own rows (each run writes the same ``out``, which that call then
 returns) and later calls reuse the faster; smaller calls before that, and calls during
-CUDA graph capture, use 1.
+CUDA graph capture, use 1.  ``mode`` and ``blocks_per_sm`` are this backend's own knobs:
+``run`` checks them, as no public entry point takes them.
 """
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..packing import packed_size
-from ..reference import check_norm
-from . import require_runnable
+from . import check_nowcast_call, dtype_code, invariant
 
 try:
     from ... import _cuda
@@ -37,8 +36,8 @@ except ImportError as exc:  # built without nvcc, or a broken build
 MODES = ("precise", "fast")
 BLOCKS_PER_SM = (1, 2)
 TUNE_MIN_ROWS = 1 << 20  # a launch on fewer rows is too short to time reliably
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MIN_CAPABILITY = (8, 0)  # mma.sync with TF32 operands
+MAX_WINDOW = _cuda.MAX_WINDOW if _cuda is not None else None
 
 
 def module():
@@ -70,57 +69,34 @@ def available(device: torch.device) -> tuple[bool, str]:
     return True, f"tensor-core kernel ({_cuda.build_info()})"
 
 
-def check_tensors(rows: torch.Tensor, S: int, **others: torch.Tensor) -> None:
-    """All contiguous CUDA tensors on the rows' device, rows (N, S) of a dtype the kernels
-    read, and S a window the kernels take."""
-    for name, t in (("rows", rows), *others.items()):
-        if t.device.type != "cuda" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CUDA tensor, got {t.device} "
-                             f"(contiguous={t.is_contiguous()})")
-        if t.device != rows.device:
-            raise ValueError(f"{name} is on {t.device} but rows are on {rows.device}")
-    if rows.dim() != 2 or rows.shape[1] != S:
-        raise ValueError(f"rows must be (N, S={S}), got {tuple(rows.shape)}")
-    if not 2 <= S <= module().MAX_WINDOW:
-        raise ValueError(f"the cuda backend takes 2 <= S <= {module().MAX_WINDOW}, got S={S}")
-    if rows.dtype not in DTYPE_NAMES:
-        raise TypeError(f"rows dtype {rows.dtype} is not one of {tuple(DTYPE_NAMES)}")
-
-
 # (device index, precise, S) -> the blocks_per_sm that timed faster there.
 _tuned: dict[tuple[int, bool, int], int] = {}
 
 
 def tuned() -> dict[tuple[int, bool, int], int]:
-    """The choices made so far, keyed by (device index, precise, S): for benchmarks."""
+    """The choices made so far, keyed by (device index, precise, S)."""
     return dict(_tuned)
 
 
-def cuda_ms(fn: Callable[[], None], repeats: int) -> float:
-    """Best time of ``repeats`` calls of fn, in ms, by CUDA events on the current stream
-    (the benchmarks use it too)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
-
-
 def _tuning_ms(launch: Callable[[], None]) -> float:
-    """Best of two timed launches, after one untimed."""
+    """The faster of two launches timed by CUDA events on the current stream, after an
+    untimed one (which pays for loading the kernel)."""
     launch()
-    return cuda_ms(launch, 2)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    events[0].record()
+    launch()
+    events[1].record()
+    launch()
+    events[2].record()
+    events[2].synchronize()
+    return min(events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2]))
 
 
 def launch_tuned(key: tuple[int, bool, int], launch: Callable[[int], None], can_time: bool,
                  timer: Callable[[Callable[[], None]], float] = _tuning_ms) -> None:
     """``launch(blocks_per_sm)`` with the register budget for this call (module docstring):
-    a cached choice; else, when the call ``can_time``, every budget timed with ``launch``
-    (whose runs leave the output written) and the faster remembered; else 1."""
+    a cached choice; else, when the call ``can_time``, every budget timed by ``timer``
+    (whose runs of ``launch`` leave the output written) and the faster remembered; else 1."""
     if key in _tuned:
         launch(_tuned[key])
     elif can_time:
@@ -137,34 +113,18 @@ def run(rows: torch.Tensor, packed: torch.Tensor, *, S: int, norm: str, steps: i
     notion and is ignored; ``mode`` and ``blocks_per_sm`` are described in the module
     docstring."""
     del threads
+    invariant(mode in MODES, f"mode {mode!r} not in {MODES}")
+    invariant(blocks_per_sm in (None, *BLOCKS_PER_SM),
+              f"blocks_per_sm {blocks_per_sm!r} not in {BLOCKS_PER_SM} or None")
+    check_nowcast_call(rows, packed, out, S=S, steps=steps, device_type="cuda")
     C = module()
-    check_norm(norm)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if blocks_per_sm is not None and blocks_per_sm not in BLOCKS_PER_SM:
-        raise ValueError(f"blocks_per_sm must be one of {BLOCKS_PER_SM} or None, got "
-                         f"{blocks_per_sm!r}")
-    check_tensors(rows, S, packed=packed, out=out)
-    if out.dtype not in DTYPE_NAMES:
-        raise TypeError(f"out dtype {out.dtype} is not one of {tuple(DTYPE_NAMES)}")
-    if packed.dtype != torch.float32 or packed.numel() != packed_size(S):
-        raise ValueError(f"packed must be the float32 packed head ({packed_size(S)} values), "
-                         f"got {packed.numel()} {packed.dtype}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     n = rows.shape[0]
-    if tuple(out.shape) not in ((n, steps), (n,)):
-        raise ValueError(f"out must be ({n}, {steps}) or ({n},), got {tuple(out.shape)}")
-    if n == 0:
-        return
-    require_runnable("cuda", available, rows.device)
-    codes = C.DTYPE_CODES
 
     def launch(blocks: int) -> None:
-        C.nowcast(rows.data_ptr(), codes[DTYPE_NAMES[rows.dtype]], packed.data_ptr(),
-                  out.data_ptr(), codes[DTYPE_NAMES[out.dtype]], n, S, norm == "wnn", steps,
-                  out.dim() == 2, mode == "precise", blocks,
-                  torch.cuda.current_stream(rows.device).cuda_stream, rows.device.index)
+        C.nowcast(rows.data_ptr(), dtype_code(C, rows.dtype), packed.data_ptr(), out.data_ptr(),
+                  dtype_code(C, out.dtype), n, S, norm == "wnn", steps, out.dim() == 2,
+                  mode == "precise", blocks, torch.cuda.current_stream(rows.device).cuda_stream,
+                  rows.device.index)
 
     with torch.cuda.device(rows.device):
         if blocks_per_sm is not None:

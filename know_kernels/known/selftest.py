@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..known.heads import KNOWNHead
-from .nowcast import BACKENDS, backend_status, nowcast
-from .reference import nowcast_ref
+from .heads import KNOWNHead
+from ..kernels.nowcast import BACKENDS, backend_status, nowcast
+from ..kernels.reference import nowcast_ref
 
 # fp32 kernels must match the float64 reference to this relative L2 error.
 FP32_BOUND = 1e-5
