@@ -10,7 +10,6 @@ mix (a child starts from its parent's peak: Linux carries ``ru_maxrss`` across f
 """
 import argparse
 import mmap
-import os
 import resource
 import subprocess
 import sys

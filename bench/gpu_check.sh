@@ -31,8 +31,8 @@ git rev-parse --short HEAD 2>/dev/null
 TAIL=5 step build 240 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" $PY setup.py -q build_ext --inplace
 $PY -m know_kernels info | tail -8
 step selftest 60 $PY -m know_kernels selftest
-step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_nowcast_gpu.py tests/test_nowcast_api.py
-step l1tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_l1_gpu.py tests/test_streaming.py
+step tests 200 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_nowcast_gpu.py tests/kernels/test_nowcast_api.py
+step l1tests 200 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_l1_gpu.py tests/pipeline/test_streaming.py
 TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
 TAIL=30 step l1bench 120 $PY bench/bench_l1_gpu.py
 step exp 80 $PY bench/bench_nowcast_gpu.py --exp

@@ -10,6 +10,7 @@ import torch
 
 from know_kernels import KNOWNHead, nowcast
 from know_kernels.kernels.ops import nowcast_cpu
+from support.rows import trajectories  # tests/support, on the path by pyproject's pytest options
 
 pytest.importorskip("pytest_benchmark")
 
@@ -25,9 +26,7 @@ def head():
 
 @pytest.fixture(scope="module")
 def rows():
-    g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(N, 1, generator=g) * 0.05
-    return torch.cat([w0, w0 + torch.cumsum(torch.randn(N, S - 1, generator=g) * 1e-3, 1)], 1)
+    return trajectories(N, S, 0, drift=False)
 
 
 def run(benchmark, rows, head, backend, steps):

@@ -1,5 +1,5 @@
 // Where each folded tensor of one KNOWN head lies in the packed float32 vector of
-// know_kernels/packing.py: one definition for every kernel.
+// know_kernels/kernels/packing.py: one definition for every kernel.
 //
 // Per-ISA sources include this header too.  Its functions have internal linkage (static),
 // so that no copy compiled with one instruction set's flags can stand in for another's at

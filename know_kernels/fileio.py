@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -131,6 +131,15 @@ def write_at(fd: int, data: torch.Tensor, offset: int) -> int:
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
     return done
+
+
+def existing_output(out: PathLike, force: bool) -> Optional[str]:
+    """Why a command may not write into ``out`` (it exists, is not an empty directory, and
+    ``force`` is off), or None."""
+    out = Path(out)
+    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    return f"{out} exists; pass --force to overwrite it"
 
 
 def listing(names: Sequence[str], limit: int = 10) -> str:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.research.data import DataSplit, load_dataset  # noqa: E402
-from know_kernels.fileio import atomic_path, save_safetensors, write_json  # noqa: E402
+from know_kernels.fileio import atomic_path, existing_output, save_safetensors, write_json  # noqa: E402
 from know_kernels.research.forgetting import progressive_forgetting  # noqa: E402
 from know_kernels.research.report import format_table, plot_results  # noqa: E402
 from know_kernels.research.transfer import (PAPER_ORDER, FineTune, check_methods, check_seeds,  # noqa: E402
@@ -119,6 +119,7 @@ def parse_args(argv=None):
     ap.add_argument("--shots", type=int, default=None,
                     help="CIFAR-10 training images per class per seed (default: all 5,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="write into an existing --out")
     ap.add_argument("--smoke", action="store_true",
                     help="a few hundred images and one epoch per step: checks the pipeline")
     return ap.parse_args(argv)
@@ -126,6 +127,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    error = existing_output(args.out, args.force)
+    if error:
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        return 2
     methods = check_methods(args.methods)
     check_seeds(args.seeds)
     recipe = FineTune(shots=args.shots, epochs=args.finetune_epochs, batch_size=args.batch_size,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from know_kernels import KNOWN  # noqa: E402
 from know_kernels.research.data import load_dataset  # noqa: E402
-from know_kernels.fileio import save_safetensors  # noqa: E402
+from know_kernels.fileio import existing_output, save_safetensors  # noqa: E402
 from know_kernels.research.forgetting import ForgettingSchedule  # noqa: E402
 from know_kernels.pipeline.predict import predict  # noqa: E402
 from know_kernels.research.probe import LinearProbe  # noqa: E402
@@ -69,7 +69,12 @@ def main() -> int:
     ap.add_argument("--out", default="know-steps", help="where the plot and weights go")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="smaller everything (≈ 1 minute)")
+    ap.add_argument("--force", action="store_true", help="write into an existing --out")
     args = ap.parse_args()
+    error = existing_output(args.out, args.force)
+    if error:
+        print(f"{ap.prog}: error: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     d0_size, epochs = (640, 12) if args.quick else (2000, 20)
 

@@ -31,7 +31,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from know_kernels.integrations import existing_output, recipe_parser  # noqa: E402
+from know_kernels.fileio import existing_output  # noqa: E402
+from know_kernels.integrations import recipe_parser  # noqa: E402
 
 BLOCK = 32
 SPECIAL = ("[PAD]", "[UNK]", "[EOS]")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 COMMANDS = ("info", "selftest", "predict", "collect", "meta_train", "demo")
 
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A warning reads like the errors below, without Python's file and line.
+    warnings.formatwarning = lambda message, *_, **__: (
+        f"know {args.command}: warning: {message}\n")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError, RuntimeError) as exc:

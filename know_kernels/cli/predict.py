@@ -34,8 +34,8 @@ def register(sub) -> None:
     p.add_argument("--method", default="known", choices=METHODS,
                    help="KNOWN (default) or a baseline extrapolation")
     p.add_argument("--known", default=None,
-                   help="KNOWN weights (.safetensors, see `KNOWN.save`); default: the weights shipped "
-                        "with the package (KNOWN.pretrained())")
+                   help="KNOWN weights (.safetensors, see `KNOWN.save`); default: the weights "
+                        "shipped with the package for S = the number of checkpoints (3, 4 or 5)")
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="TaskVector's λ (default 0.2)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

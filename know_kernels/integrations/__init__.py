@@ -9,8 +9,8 @@ Both are :func:`know_kernels.research.forget.forget_and_predict` with the framew
 training as ``train_fn``; snapshots go to files (so memory never holds S copies of the
 model) and every Θ^i and Θ̂^{-k} comes out as a directory ``theta{i}/`` or ``know_step{k}/``
 that the framework's own loader reads.  This package imports neither framework; only the
-adapter modules do.  :func:`recipe_parser` and :func:`existing_output` are the command-line
-pieces the two recipes in python/ share.
+adapter modules do.  :func:`recipe_parser` holds the command-line options
+the two recipes in python/ share.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable
 
 from torch import nn
 
@@ -89,11 +89,3 @@ def recipe_parser(doc: str, out: str, smoke: str) -> argparse.ArgumentParser:
                     help="torch CPU threads (a model this small gains nothing from more)")
     ap.add_argument("--smoke", action="store_true", help=smoke)
     return ap
-
-
-def existing_output(out: Path, force: bool) -> Optional[str]:
-    """Why ``out`` may not be written (it exists, is not an empty directory, and ``force`` is
-    off), or None."""
-    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return None
-    return f"{out} exists; pass --force to overwrite it"

@@ -12,7 +12,7 @@ import torch
 
 from ..kernels.baselines import DEFAULT_LAMBDA, METHODS as BASELINES
 from ..kernels.nowcast import backend_status, check_precision
-from ..known.heads import KNOWN, PRETRAINED
+from ..known.heads import KNOWN, PRETRAINED_S, pretrained_path
 from ..known.routing import Route
 
 NONFINITE = ("error", "passthrough")
@@ -99,13 +99,18 @@ def _out_dtype(value) -> Optional[torch.dtype]:
     return dtype
 
 
-def resolve_known(method: str, known) -> tuple[Optional[KNOWN], Optional[Path]]:
-    """The KNOWN a method uses and the file it came from: none for the baselines, the
-    shipped weights (``KNOWN.pretrained()``) when ``known`` is None, else a KNOWN or a path."""
+def resolve_known(method: str, known, count: int) -> tuple[Optional[KNOWN], Optional[Path]]:
+    """The KNOWN a method uses with ``count`` checkpoints, and the file it came from: none
+    for the baselines; when ``known`` is None, the shipped weights for S = ``count`` (the
+    largest shipped S when more are given); else a KNOWN or a path."""
     if method != "known":
         return None, None
     if known is None:
-        return KNOWN.pretrained(), PRETRAINED
+        if count < min(PRETRAINED_S):
+            raise ValueError(f"the shipped KNOWN takes S = {', '.join(map(str, PRETRAINED_S))} "
+                             f"checkpoints (Θ^0 … Θ^{{S-1}}, full data first), got {count}")
+        S = max(s for s in PRETRAINED_S if s <= count)
+        return KNOWN.pretrained(S), pretrained_path(S)
     if isinstance(known, KNOWN):
         return known, None
     return KNOWN.load(known), Path(known)
@@ -124,7 +129,8 @@ def snapshot_count(count: int, known: Optional[KNOWN]) -> int:
     S = sizes[0]
     if count < S:
         raise ValueError(f"this KNOWN takes S={S} checkpoints (Θ^0 … Θ^{S - 1}, full data "
-                         f"first), got {count}; KNOWN.pretrained(S=…) ships S = 3, 4 and 5")
+                         f"first), got {count}; the shipped KNOWN (the default) takes S = "
+                         f"{', '.join(map(str, PRETRAINED_S))}")
     if count > S:
         warnings.warn(f"{count} checkpoints given, this KNOWN takes S={S}: using the first "
                       f"{S} (Θ^0 … Θ^{S - 1}, the most-data end)", stacklevel=3)

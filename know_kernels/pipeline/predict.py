@@ -47,7 +47,7 @@ def _opened(checkpoints: Sequence[Checkpoint], opener):
 def _prepare(caller: str, checkpoints: Sequence, known, options: dict):
     """Check every option, then pick the KNOWN and the checkpoints it takes."""
     opts = Options.of(caller, options)
-    known, known_path = resolve_known(opts.method, known)
+    known, known_path = resolve_known(opts.method, known, len(checkpoints))
     used = list(checkpoints)[:snapshot_count(len(checkpoints), known)]
     return opts, known, known_path, used
 
@@ -88,8 +88,8 @@ def predict(checkpoints: Sequence[Checkpoint], known: Union[KNOWN, PathLike, Non
 
     ``checkpoints``: state dicts, or paths of anything ``predict_files`` reads (read a chunk
     at a time, so only the outputs are held whole).  ``known``: a KNOWN, the path of one, or
-    None for the shipped weights (``KNOWN.pretrained()``); with more checkpoints than its S,
-    the first S are used.  ``options``: see :class:`Options` (``steps``, ``method``,
+    None for the shipped weights of S = the number of checkpoints (3, 4 or 5); with more
+    checkpoints than its S, the first S (the full-data end) are used, and a warning says so.  ``options``: see :class:`Options` (``steps``, ``method``,
     ``route``, ``keep``, ``nonfinite``, ``out_dtype``, ``progress``, …).  Each output tensor
     lies where Θ^0's does; tied entries of Θ^0 stay tied.  A router passed as ``route``
     sees meta tensors (shape and dtype, no values).

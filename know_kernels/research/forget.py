@@ -17,9 +17,9 @@ the shipped KNOWN exists for S = 3, 4 and 5 (``known=None`` picks it); any other
 KNOWN meta-trained for it (``know meta-train --S …``).
 
 Snapshots live in memory by default.  With ``out_dir`` each is written to
-``out_dir/theta{i}.safetensors`` as its stage ends and dropped, and ``predict`` reads those
-files a chunk at a time into ``out_dir/know_step{k}.safetensors``: memory then holds the
-model and one copy of it per predicted step, never S copies.
+``out_dir/theta{i}.safetensors`` as its stage ends and dropped, and ``predict_files`` streams
+those files a chunk at a time into ``out_dir/know_step{k}.safetensors``: memory then holds
+the model and a few chunks, never S copies.
 """
 from __future__ import annotations
 
