@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # A warning reads like the errors below, without Python's file and line.
+    # A warning reads like the errors below, without Python's file and line (for this
+    # command only: main() also runs inside other programs and tests).
+    previous = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: (
         f"know {args.command}: warning: {message}\n")
     try:
@@ -29,3 +31,5 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError, RuntimeError) as exc:
         print(f"know {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous

@@ -242,3 +242,11 @@ def test_lightning_ckpt_files_are_read(setup, capsys):
     assert main(["predict", *paths, "--out", str(tmp / "o"), "--known", kpath, "--quiet"]) == 0
     got = load_file(str(tmp / "o" / "know_step1.safetensors"))
     assert all(torch.equal(got[n], w) for n, w in predict(cks, known)[0].items())
+
+
+def test_the_cli_warning_format_ends_with_the_command(setup, capsys):
+    import warnings
+    before = warnings.formatwarning
+    _, paths, kpath, _, tmp = setup
+    assert main(["predict", *paths, "--out", str(tmp / "o"), "--known", kpath, "--quiet"]) == 0
+    assert warnings.formatwarning is before
