@@ -133,6 +133,15 @@ def write_at(fd: int, data: torch.Tensor, offset: int) -> int:
     return done
 
 
+def refuse_existing(paths: Sequence[PathLike], force: bool) -> None:
+    """Raise for the first of ``paths`` that exists, unless ``force`` (a Python API's check,
+    made before any work that the clash would waste)."""
+    if not force:
+        for path in paths:
+            if Path(path).exists():
+                raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
+
+
 def existing_output(out: PathLike, force: bool) -> Optional[str]:
     """Why a command may not write into ``out`` (it exists, is not an empty directory, and
     ``force`` is off), or None."""

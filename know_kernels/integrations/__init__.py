@@ -24,7 +24,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..fileio import PathLike, load_state_dict
+from ..fileio import PathLike, load_state_dict, refuse_existing
 from ..pipeline.options import Options
 from ..research.forget import (ForgetResult, TrainFn, forget_and_predict,
                                prediction_names, snapshot_names)
@@ -53,10 +53,7 @@ def forget_and_export(model: nn.Module, dataset, train_fn: TrainFn, out_dir: Pat
     out_dir = Path(out_dir)
     targets = [out_dir / name for name in snapshot_names(check_stages(stages))
                + prediction_names(Options(steps=steps).steps)]
-    if not force:
-        for target in targets:
-            if target.exists():
-                raise FileExistsError(f"{target} exists; pass force=True to overwrite it")
+    refuse_existing(targets, force)
     # Beside the outputs, so a big model's snapshots go to the disk that has room for them;
     # made by the first snapshot written, so a run refused by a check leaves nothing behind.
     scratch = out_dir / f".know-scratch-{uuid.uuid4().hex}"

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset, Subset
 
-from ..fileio import PathLike, save_safetensors
+from ..fileio import PathLike, refuse_existing, save_safetensors
 from ..io.recorder import state_refs
 from ..known.heads import KNOWN, PRETRAINED_S
 from ..known.routing import Route, route_state
@@ -117,10 +117,7 @@ def _output_paths(out_dir: Optional[PathLike], names: Sequence[str],
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
     paths = [out_dir / f"{name}.safetensors" for name in names]
-    if not force:
-        for path in paths:
-            if path.exists():
-                raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
+    refuse_existing(paths, force)
     return paths
 
 
