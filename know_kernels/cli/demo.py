@@ -1,27 +1,31 @@
 """``know demo``: pretrain, forget, predict KNOW and every baseline, and measure transfer.
 
-    know demo [--quick] [--out DIR] [--seeds N] [--known PATH] [--data-dir DIR] ...
+    know demo [--quick] [--out DIR] [--jobs N] [--replicates P] [--known PATH] ...
 
-Pretrains a small ResNet on 2,000 images of Fashion-MNIST's classes 0-4 to convergence,
-trains the same recipe on 2x and 4x the images (the yardstick), runs progressive forgetting
-(r = 0.5, S = 5), predicts ×2/×4/×8 with KNOWN and the baselines (TaskVector, LinearFit,
-LogFit, ExpFit), probes every starting point on data-scarce downstream tasks over paired
-seeds and prints a table shaped like the paper's Table 1, after a verdict computed from
-the numbers.  Writes results.json, results.md and results.png into --out.  See
+Over P independent pretraining replicates (worker processes): pretrains a small ResNet on
+its own 2,000 images of Fashion-MNIST's classes 0-4 to convergence, trains the same recipe
+on really x0.5, x2 and x4 the images (the real-data ladder), runs progressive forgetting
+(r = 0.5, S = 5), predicts x2/x4/x8 with KNOWN and the baselines (TaskVector, LinearFit,
+LogFit, ExpFit), adds a matched-noise control per prediction, and scores every starting
+point on held-out source images and by linear probes on data-scarce downstream tasks.
+Prints the tables and a verdict that opens with the ladder check, with standard errors
+clustered by replicate.  Writes results.json, results.md and results.png into --out.  See
 docs/demo.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
 
 import torch
 
-from ..research.demo import PRESETS, TASKS, run_demo, write_outputs
+from ..research.demo import run_demo, write_outputs
+from ..research.demo_config import FINETUNE, PRESETS, PROTOCOLS, TASKS
 from ..known.heads import KNOWN
-from ..research.report import format_table
+from ..research.report import format_pooled_table
 from ..research.stats import MIN_SEEDS
 from ..research.transfer import PAPER_ORDER, check_methods
 
@@ -32,11 +36,20 @@ def register(sub) -> None:
                        epilog=__doc__.split("\n\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: less data and training, 5 seeds (about 1.5 minutes)")
+                   help="a smoke run: less data and training, 2 replicates x 3 seeds "
+                        "(about 1 minute on 2 cores)")
     p.add_argument("--out", default="know-demo", help="output directory (default know-demo)")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"paired downstream seeds per task, >= {MIN_SEEDS} "
-                        f"(default 20, --quick 5)")
+                   help=f"paired downstream seeds per task and replicate, >= {MIN_SEEDS} "
+                        f"(default 8, --quick 3)")
+    p.add_argument("--replicates", type=int, default=None,
+                   help="independent pretraining replicates, >= 2 (default 4, --quick 2)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes, one replicate each at a time (default: the number "
+                        "of cores); the numbers do not depend on it")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="probe",
+                   help="downstream protocol: 'probe' (linear probe, default) or 'finetune' "
+                        "(every weight fine-tuned, the paper's; about 25x the probes' time)")
     p.add_argument("--known", default=None,
                    help="KNOWN weights (.safetensors, see KNOWN.save); default: the weights "
                         "shipped with the package (KNOWN.pretrained())")
@@ -48,10 +61,10 @@ def register(sub) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {','.join(PAPER_ORDER)} (default all)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of D^0, Θ^0's init and the forgetting stages (default 0)")
+                   help="seed every replicate's draws derive from (default 0)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these small networks gain nothing from "
-                        "more, and lose 10x when another job shares the cores)")
+                   help="torch CPU threads per worker (default 1: these small networks gain "
+                        "nothing from more, and lose 10x when another job shares the cores)")
     p.add_argument("--s-ablation", action="store_true",
                    help="also predict with the shipped KNOWN for S = 3 and 4 (the paper's "
                         "Table 6)")
@@ -67,6 +80,13 @@ def run(args) -> int:
             raise ValueError(f"--seeds must be >= {MIN_SEEDS} (the paired differences need a "
                              f"standard error), got {args.seeds}")
         changes["seeds"] = args.seeds
+    if args.replicates is not None:
+        if args.replicates < 2:
+            raise ValueError(f"--replicates must be >= 2 (the clustered standard error needs "
+                             f"two pretraining replicates), got {args.replicates}")
+        changes["replicates"] = args.replicates
+    if args.protocol == "finetune":
+        changes["protocol"] = FINETUNE
     if args.tasks is not None:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.methods is not None:
@@ -75,6 +95,8 @@ def run(args) -> int:
         changes["s_ablation"] = True
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     config = replace(config, **changes).check()
     # Loaded before any training, so a missing or unfit KNOWN fails in a second.
     known = source = None
@@ -91,13 +113,14 @@ def run(args) -> int:
     started = time.perf_counter()
     try:
         results = run_demo(config, known, known_source=source, data_dir=args.data_dir,
-                           progress=not args.quiet, log=log)
+                           jobs=args.jobs, threads=args.threads, progress=not args.quiet,
+                           log=log)
     finally:
         torch.set_num_threads(threads)
     paths = write_outputs(results, args.out)
     for name, task in results["tasks"].items():
         print(f"\n## {name}\n")
-        print(format_table(task))
+        print(format_pooled_table(task, results["verdict"]["tasks"][name]["rows"]))
     print("\n" + results["verdict"]["text"])
     print(f"\nwrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - started:.0f} s)")
     return 0

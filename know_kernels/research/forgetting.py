@@ -198,6 +198,7 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
                            batch_size: int = 64, lr: float = 1e-3,
                            optimizer: str = "adam", momentum: float = 0.9,
                            weight_decay: float = 0.0, seed: int = 0,
+                           stage_warmup: float = 0.0, stage_cosine: bool = False,
                            indices: Optional[Sequence[int]] = None,
                            pretrain_epochs: int = 0, pretrain_lr: Optional[float] = None,
                            pretrain_batch_size: Optional[int] = None,
@@ -217,7 +218,8 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     in ``schedule.info["pretrain"]``.  Otherwise the given model is Θ^0.
 
     Each later stage i fine-tunes Θ^{i-1} on D^i with a fresh optimizer at the constant rate
-    ``lr``: for ``stage_samples`` samples when given (a budget that does not shrink with the
+    ``lr`` (after a linear warm-up over the fraction ``stage_warmup`` of its steps, and
+    annealed to 0 by a cosine when ``stage_cosine``): for ``stage_samples`` samples when given (a budget that does not shrink with the
     subset, so the small late subsets are revisited many times and over-fitted: the model
     forgets what lies outside them), else for ``epochs_per_stage`` epochs of D^i.
     Cross-entropy loss; every step sees a full batch.
@@ -242,6 +244,8 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
             raise ValueError(f"stage_samples={stage_samples} is less than one batch of "
                              f"{batch_size}")
     check_positive("lr", lr)
+    if not 0.0 <= stage_warmup < 1.0:  # also rejects NaN
+        raise ValueError(f"stage_warmup must lie in [0, 1), got {stage_warmup!r}")
     if pretrain_lr is not None:
         check_positive("pretrain_lr", pretrain_lr)
     if pretrain_batch_size is not None:
@@ -266,7 +270,8 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
     schedule.info.update(
         optimizer=optimizer, lr=float(lr), batch_size=int(batch_size),
         momentum=float(momentum) if optimizer == "sgd" else None,
-        weight_decay=float(weight_decay), epochs_per_stage=int(epochs_per_stage),
+        weight_decay=float(weight_decay), stage_warmup=float(stage_warmup),
+        stage_cosine=bool(stage_cosine), epochs_per_stage=int(epochs_per_stage),
         stage_budget_samples=None if stage_samples is None else int(stage_samples),
         pretrain_epochs=int(pretrain_epochs),
         pretrain_lr=float(pretrain_lr or lr) if pretrain_epochs else None,
@@ -297,10 +302,12 @@ def progressive_forgetting(model: nn.Module, dataset: Dataset, *, r: float, stag
 
         def fine_tune(model, subset):
             opt = make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
+            steps = stage_steps[subset.stage - 1]
             samples = train_steps(model, dataset, torch.as_tensor(subset.indices),
-                                  stage=subset.stage, steps=stage_steps[subset.stage - 1],
-                                  batch_size=batch_size, optimizer=opt, cosine=False,
-                                  generator=generator, device=device, bar=bar)
+                                  stage=subset.stage, steps=steps,
+                                  batch_size=batch_size, optimizer=opt, cosine=stage_cosine,
+                                  generator=generator, device=device, bar=bar,
+                                  warmup=round(stage_warmup * steps))
             bar.set_postfix(stage=subset.stage)
             return samples
 

@@ -48,12 +48,15 @@ class PretrainRecipe:
 
 def nested_prefixes(order: torch.Tensor, n0: int, factors: Sequence[float]) -> list[torch.Tensor]:
     """D^0 = the first ``n0`` of ``order``, then the first ⌊factor·n0⌋ for each factor
-    (sorted indices, each set holding the previous ones)."""
+    (sorted indices; prefixes of one order, so a smaller set lies inside every larger one:
+    a factor below 1 gives a subset of D^0)."""
     order = torch.as_tensor(order, dtype=torch.int64).reshape(-1)
-    sizes = [n0] + [math.floor(f * n0) for f in factors]
-    if n0 < 1 or any(f <= 1 for f in factors) or sizes != sorted(sizes):
-        raise ValueError(f"need n0 >= 1 and increasing factors > 1, got n0={n0}, "
-                         f"factors={list(factors)}")
+    sizes = [math.floor(f * n0) for f in factors]
+    if n0 < 1 or any(f <= 0 or f == 1 for f in factors) or sizes != sorted(set(sizes)) \
+            or (sizes and sizes[0] < 1):
+        raise ValueError(f"need n0 >= 1 and increasing factors other than 1 that each keep "
+                         f">= 1 image, got n0={n0}, factors={list(factors)}")
+    sizes = [n0] + sizes
     if sizes[-1] > order.numel():
         raise ValueError(f"the largest set needs {sizes[-1]} images, the pool has "
                          f"{order.numel()}")
@@ -67,14 +70,18 @@ def more_data_candidates(model_fn: Callable[[], nn.Module], dataset: Dataset,
                          test_dataset: Optional[Dataset] = None,
                          progress: Optional[Callable[[str], None]] = None
                          ) -> tuple[list[Candidate], list[dict]]:
-    """Train one model per set of ``sets[1:]`` (``sets[0]`` is D^0, Θ^0's own) from the
+    """Train one model per set of ``sets[1:]`` (``sets[0]`` is D^0, Θ^0's own; smaller sets
+    first, steps -1, -2, … from the largest of them, then 1, 2, … for the larger ones) from the
     initialisation ``torch.manual_seed(init_seed); model_fn()`` with batch order seed
     ``order_seed``, as Θ^0 was.  Returns the candidates (method "more-data", factor
     |set| / |D^0|) and each model's pretraining record (convergence check included, and
     ``test_acc`` in % on ``test_dataset`` when given)."""
     n0 = sets[0].numel()
     candidates, records = [], []
-    for k, indices in enumerate(sets[1:], 1):
+    smaller = sum(s.numel() < n0 for s in sets[1:])
+    # Steps as for predictions: k > 0 stands for more data than D^0, k < 0 for less.
+    steps = [k - smaller - (k <= smaller) for k in range(1, len(sets))]
+    for k, indices in zip(steps, sets[1:]):
         factor = indices.numel() / n0
         if progress is not None:
             progress(f"more data ×{factor:.3g}: {indices.numel()} images")

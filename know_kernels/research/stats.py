@@ -37,3 +37,37 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tup
     # Accuracies are counts over a test set: equal differences on every seed leave only
     # rounding noise in sd, which is no spread.
     return mean, (sd / math.sqrt(d.size) if sd > 1e-9 else 0.0)
+
+
+def t_critical_df(df: int) -> float:
+    """Half-width of a 95% confidence interval in standard errors for ``df`` >= 1 degrees
+    of freedom."""
+    return t_critical(df + 1)
+
+
+def clustered_difference(values: Sequence[Sequence[float]],
+                         baseline: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Mean of d = values − baseline over every (cluster, unit) pair, and its standard error
+    with the cluster (a pretraining replicate) as the unit of independence.
+
+    With G clusters, N values in all, d̄ the pooled mean and D_g = Σ_{i∈g} (d_gi − d̄) the
+    cluster's summed residual, the variance is the cluster-robust (CR1) one:
+    V = G / (G − 1) · Σ_g D_g² / N².  With equal cluster sizes this is the sample variance
+    of the G cluster means over G, so the spread between replicates is in the error bar
+    however many downstream seeds each replicate has.
+    """
+    if len(values) != len(baseline):
+        raise ValueError(f"need the same clusters, got {len(values)} and {len(baseline)}")
+    d = [np.asarray(v, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+         for v, b in zip(values, baseline)]
+    if len(d) < MIN_SEEDS or any(g.ndim != 1 or g.size == 0 for g in d):
+        raise ValueError(f"need >= {MIN_SEEDS} non-empty clusters of paired values, got "
+                         f"sizes {[g.size for g in d]}")
+    n = sum(g.size for g in d)
+    mean = float(sum(g.sum() for g in d) / n)
+    summed = np.array([(g - mean).sum() for g in d])
+    var = len(d) / (len(d) - 1) * float(np.square(summed).sum()) / n ** 2
+    se = math.sqrt(var)
+    # Accuracies are counts over a test set: the same difference everywhere leaves only
+    # rounding noise, which is no spread (as in paired_difference).
+    return mean, (se if se > 1e-9 else 0.0)

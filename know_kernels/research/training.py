@@ -79,18 +79,33 @@ def top1_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 1024) ->
     return correct / max(total, 1)
 
 
+def _schedule(optimizer, steps: int, cosine: bool, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then cosine annealing to 0 or a constant rate."""
+    if not warmup:
+        return (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+                if cosine else None)
+    rest = max(steps - warmup, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / rest)) if cosine else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_steps(model, dataset, indices, *, stage, steps, batch_size, optimizer, cosine,
-                generator, device, bar=None, epoch_end=None) -> int:
+                generator, device, bar=None, epoch_end=None, warmup: int = 0) -> int:
     """``steps`` optimizer steps of cross-entropy on full batches of ``indices``, reshuffled
-    at every pass (a budget larger than one pass revisits the subset), cosine-annealed to 0
-    when ``cosine``.  ``bar.update(1)`` after each step; ``epoch_end()`` after each complete
-    pass.  A NaN/inf loss raises :class:`NonFiniteLossError` (``stage`` names it).  Returns
-    the number of samples seen."""
+    at every pass (a budget larger than one pass revisits the subset), after a linear
+    warm-up of ``warmup`` steps, cosine-annealed to 0 when ``cosine``.  ``bar.update(1)``
+    after each step; ``epoch_end()`` after each complete pass.  A NaN/inf loss raises
+    :class:`NonFiniteLossError` (``stage`` names it).  Returns the number of samples seen."""
     if steps > 0 and indices.numel() < batch_size:
         # No full batch: the loop below would never make a step.
         raise ValueError(f"{indices.numel()} samples hold no full batch of {batch_size}")
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-                 if cosine else None)
+    if isinstance(warmup, bool) or int(warmup) != warmup or not 0 <= warmup <= steps:
+        raise ValueError(f"warmup must be an integer in [0, steps={steps}], got {warmup!r}")
+    scheduler = _schedule(optimizer, steps, cosine, int(warmup))
     model.train()
     step = 0
     while step < steps:

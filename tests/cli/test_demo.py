@@ -16,8 +16,9 @@ import pytest
 from know_kernels import KNOWN
 from know_kernels.research import data
 from know_kernels.cli import main
+from know_kernels.research.controls import noise_method
 from know_kernels.research.transfer import MORE_DATA, NAIVE, PAPER_ORDER
-from know_kernels.research.verdict import task_verdict
+from know_kernels.research.verdict import verdict as recompute_verdict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,48 +31,97 @@ def quick_run(tmp_path_factory, data_args, known_path):
     return rc, out
 
 
-def test_quick_demo_writes_its_results(quick_run, capsys):
+def _check_values(name, row, field, lo, hi):
+    for values in row[field]:
+        assert all(math.isfinite(v) and lo <= v <= hi for v in values), (name, row)
+
+
+def test_quick_demo_writes_its_results(quick_run):
     rc, out = quick_run
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md",
                                                      "results.png"]  # no temporary left
     results = json.loads((out / "results.json").read_text())
-    assert {"format", "config", "known", "source", "tasks", "timing", "machine"} <= set(results)
-    assert results["config"]["r"] == 0.5 and results["config"]["stages"] == 5
-    assert len(results["source"]["test_acc"]) == 5
-    source = results["source"]
-    assert source["forgot"] == (source["test_acc"][-1] < source["test_acc"][0])
-    # Θ^0 and the more-data models: one recipe, each with its convergence check recorded.
-    size = source["subset_sizes"][0]
-    assert [m["images"] for m in source["more_data"]] == [2 * size, 4 * size]
-    for record in (source["pretrain"], *source["more_data"]):
-        assert isinstance(record["converged"], bool) and record["epochs"] >= 4
-        assert len(record["val_acc"]) == record["epochs"]
-    assert results["config"]["protocol_name"] == "linear-probe"
-    assert set(results["tasks"]) == {"digits", "fashion-heldout"}
+    assert {"format", "config", "known", "source", "tasks", "replicates", "timing", "machine",
+            "verdict"} <= set(results)
+    config = results["config"]
+    assert config["r"] == 0.5 and config["stages"] == 5 and config["replicates"] == 2
+    replicates = results["replicates"]
+    assert [rep["replicate"] for rep in replicates] == [0, 1]
+    assert len({rep["seed"] for rep in replicates}) == 2              # independent draws
+    size = results["source"]["subset_sizes"][0]
+    for rep in replicates:
+        assert len(rep["source"]["test_acc"]) == 5
+        # Θ^0 and the real-data ladder: one recipe, each with its convergence check.
+        assert [m["images"] for m in rep["source"]["more_data"]] == [size // 2, 2 * size,
+                                                                     4 * size]
+        for record in (rep["source"]["pretrain"], *rep["source"]["more_data"]):
+            assert isinstance(record["converged"], bool) and record["epochs"] >= 4
+    seeds = [tuple(rep["tasks"]["digits"]["seeds"]) for rep in replicates]
+    assert len(set(seeds)) == 2 and all(len(s) == 3 for s in seeds)
+    assert set(results["tasks"]) == {"source", "digits", "fashion-heldout"}
+    expected = {NAIVE: ["×1", "×0.5"], MORE_DATA: ["×0.5", "×2", "×4"],
+                **{m: ["×2", "×4", "×8"] for m in PAPER_ORDER},
+                **{noise_method(m): ["×2", "×4", "×8"] for m in PAPER_ORDER}}
     for name, task in results["tasks"].items():
-        assert task["seeds"] == [0, 1, 2, 3, 4] and task["protocol"] == "linear-probe"
         labels = {}
         for row in task["rows"]:
             labels.setdefault(row["method"], []).append(row["label"])
-            assert len(row["acc"]) == len(row["diff"]) == 5
-            for value in (*row["acc"], row["acc_mean"], row["acc_std"]):
-                assert math.isfinite(value) and 0.0 <= value <= 100.0, (name, row)
-            for value in (*row["diff"], row["diff_mean"], row["diff_se"]):
-                assert math.isfinite(value) and abs(value) <= 100.0, (name, row)
-        assert labels == {NAIVE: ["×1", "×0.5"], MORE_DATA: ["×2", "×4"],
-                          **{m: ["×2", "×4", "×8"] for m in PAPER_ORDER}}
-        assert [r["factor"] for r in task["rows"] if r["method"] == MORE_DATA] == [2.0, 4.0]
+            assert len(row["acc"]) == 2                                # per replicate
+            assert [len(v) for v in row["acc"]] == [1 if name == "source" else 3] * 2
+            _check_values(name, row, "acc", 0.0, 100.0)
+            _check_values(name, row, "diff", -100.0, 100.0)
+            assert math.isfinite(row["diff_mean"]) and row["diff_se"] >= 0
+        assert labels == expected
         naive = task["rows"][0]
-        assert naive["diff"] == [0.0] * 5 and naive["diff_se"] == 0.0
-        assert results["verdict"]["tasks"][name] == task_verdict(task)
+        assert naive["diff_mean"] == 0.0 and naive["diff_se"] == 0.0
+        if name == "source":
+            assert "ce" in naive and naive["ce_mean"] > 0
+        else:
+            assert task["protocol"] == "linear-probe"
+    verdict = results["verdict"]
+    assert set(verdict["ladder"]) == {"source", "digits", "fashion-heldout"}
+    assert verdict["text"].startswith("Ladder check")
+    assert verdict == recompute_verdict(results)
     md = (out / "results.md").read_text()
-    assert md.startswith("# KNOW demo\n\n**Verdict.** " + results["verdict"]["text"])
-    assert "| method | ×n | accuracy (%) | Δ vs Naive transfer ×1 (points) |" in md
+    assert md.startswith("# KNOW demo\n\n**Verdict.** " + verdict["text"])
+    assert "| method | ×n | accuracy (%) | cross-entropy |" in md
+    assert "| Matched noise (KNOWN) | ×2 |" in md and "| Θ^1 (forgotten) | ×0.5 |" in md
     for name in ("Naive transfer", "More data (real)", "KNOWN", "TaskVector", "LinearFit",
                  "LogFit", "ExpFit"):
         assert f"| {name} | ×" in md
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+SMALL = ["--quick", "--quiet", "--replicates", "2", "--seeds", "2", "--tasks", "digits",
+         "--methods", "known,taskvector", "--s-ablation"]
+
+
+def test_the_numbers_do_not_depend_on_the_worker_count(tmp_path, data_args):
+    """Each replicate is seeded by the configuration alone: one worker or two, the same
+    results.json but for times and load.  Without --known the shipped KNOWN predicts, and
+    --s-ablation adds the shipped S = 3 and 4 heads."""
+    runs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["demo", *SMALL, "--jobs", jobs, "--out", str(out), *data_args]) == 0
+        runs.append(json.loads((out / "results.json").read_text()))
+    for run in runs:
+        for key in ("timing", "machine"):
+            run.pop(key)
+        for rep in run["replicates"]:
+            rep.pop("timing")
+            rep["source"].pop("stage_seconds")
+    assert runs[0] == runs[1]
+    results = runs[0]
+    assert results["known"]["source"] == "KNOWN.pretrained()"
+    assert results["known"]["provenance"] == KNOWN.pretrained().provenance
+    methods = [(row["method"], row["label"]) for row in results["tasks"]["digits"]["rows"]]
+    assert methods[:5] == [(NAIVE, "×1"), (NAIVE, "×0.5"), (MORE_DATA, "×0.5"),
+                           (MORE_DATA, "×2"), (MORE_DATA, "×4")]
+    predicted = [(m, f"×{f}") for m in ("known", "taskvector", "known-S3", "known-S4")
+                 for f in (2, 4, 8)]
+    assert methods[5:] == predicted + [(noise_method(m), f) for m, f in predicted]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -80,6 +130,8 @@ def test_quick_demo_writes_its_results(quick_run, capsys):
     (["--methods", "known,foo"], "unknown method.*'foo'.*known, taskvector, linear, log, exp"),
     (["--tasks", "cifar10"], "tasks: unknown.*'cifar10'"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--replicates", "1"], "--replicates must be >= 2"),
     (["--s-ablation", "--methods", "exp"], "the S ablation needs the KNOWN method"),
 ])
 def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys):
@@ -104,17 +156,3 @@ def test_known_with_other_snapshot_count_is_refused(tmp_path, data_args, capsys)
     err = capsys.readouterr().err
     assert str(path) in err and "S=7" in err
     assert not (tmp_path / "out").exists()
-
-
-def test_quick_demo_uses_the_shipped_known_by_default(tmp_path, data_args):
-    """Without --known the demo predicts with KNOWN.pretrained(); --s-ablation adds the
-    shipped S = 3 and 4 heads (digits and KNOWN only, to keep the test short)."""
-    out = tmp_path / "out"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out), "--tasks", "digits",
-                 "--methods", "known", "--s-ablation", *data_args]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["known"]["source"] == "KNOWN.pretrained()"
-    assert results["known"]["provenance"] == KNOWN.pretrained().provenance
-    assert [(row["method"], row["label"]) for row in results["tasks"]["digits"]["rows"]] == [
-        (NAIVE, "×1"), (NAIVE, "×0.5"), (MORE_DATA, "×2"), (MORE_DATA, "×4"),
-        *[(m, f"×{f}") for m in ("known", "known-S3", "known-S4") for f in (2, 4, 8)]]
