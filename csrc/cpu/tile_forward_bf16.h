@@ -1,0 +1,230 @@
+// KNOWN's forward pass over one tile with bfloat16 products (precision="bf16"): the
+// operands of every learned matrix product -- the stream inputs x and d, z, p = b e, and
+// the folded weights w1, g, wb, wc, w2, a2 -- rounded to bfloat16 (nearest even), the
+// products exact and accumulated in float32 by VDPBF16PS; biases, the exp activation,
+// LeakyReLU, the head's 64 -> 1 product (float32 FMAs), tanh, normalisation and the window
+// slide in float32.  The same rounding as the Triton kernel's "bf16" mode
+// (triton_common.mm); know_kernels/kernels/reference_bf16.py is it in float64.
+//
+// Per-ISA like tile_forward.h, whose tile (R = TV * VW rows, 48 here), normalisation and
+// loads it shares; compiled only into the copy built with -mavx512bf16 (CMakeLists.txt).
+//
+// VDPBF16PS adds to each float32 lane the products of a PAIR of bfloat16 values, so the
+// bfloat16 operands are stored as pair-lines: R 32-bit words, word r holding row r's
+// values of two consecutive inputs k (low half) and k + 1 (high half).  A weight panel
+// holds, per column block, JB float32 biases and then per input pair JB such words; the
+// micro-kernel broadcasts one word per column and issues JB * TV VDPBF16PS per pair, half
+// the instructions of the float32 FMA loop.  An odd input width is padded with a zero
+// input (and zero weights).
+//
+// Per stream, with the scratch of bf16_stream_lines(S) lines:
+//   pairs(inp)                                    ceil(n / 2) pair-lines
+//   Z = relu(inp @ g + gb)      -> pairs           after P's pairs: [P; Z] is one operand
+//   H = (inp @ w1 + b1) log2 e                    64 float32 lines
+//   P = (Z @ wb + bb) * 2^((Z @ wc + bc) H)       32 pair-lines (64 values)
+//   O += leaky_relu([P; Z] @ [w2; a2] + b2) @ wo_stream
+#pragma once
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512F__)
+#error "tile_forward_bf16.h needs -mavx512bf16 -mavx512f (CMakeLists.txt)"
+#endif
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/tile_forward.h"
+
+namespace know {
+namespace KNOW_ISA {
+
+static_assert(VW == 16, "a pair-line vector is 16 rows of two bfloat16 values");
+
+inline int pairs_of(int K) { return (K + 1) / 2; }
+
+// Floats of a bf16 panel of K inputs and C columns: per block JB biases and pairs_of(K)
+// rows of JB words.
+inline int64_t panel16_floats(int K, int C) { return int64_t(pairs_of(K) + 1) * C; }
+
+inline int64_t bf16_head_panel_floats(int S) {
+  int64_t total = 0;
+  for (int n = S; n >= S - 1; --n)
+    total += panel16_floats(n, kBottleneck) + panel16_floats(n, kHidden) +
+             panel16_floats(kBottleneck, 2 * kHidden) +
+             panel16_floats(kHidden + kBottleneck, kOutHidden);
+  return round_up(total, 16);
+}
+
+// Scratch lines of one stream: H, [P; Z] pairs, the input's pairs.
+inline int64_t bf16_stream_lines(int S) {
+  return kHidden + (kHidden + kBottleneck) / 2 + pairs_of(S);
+}
+
+inline uint32_t bf16_pair(float lo, float hi) {
+  return uint32_t(f32_to_bf16(lo)) | uint32_t(f32_to_bf16(hi)) << 16;
+}
+
+// As build_panels, with the weights of inputs 2i and 2i + 1 of a column in one word.
+template <class Bias, class Weight>
+float* build_panels16(float* dst, int K, int C, Bias bias, Weight weight) {
+  const int pairs = pairs_of(K);
+  for (int c0 = 0; c0 < C; c0 += JB) {
+    for (int j = 0; j < JB; ++j) {
+      dst[j] = bias(c0 + j);
+      for (int i = 0; i < pairs; ++i) {
+        const float hi = 2 * i + 1 < K ? weight(c0 + j, 2 * i + 1) : 0.0f;
+        const uint32_t word = bf16_pair(weight(c0 + j, 2 * i), hi);
+        std::memcpy(dst + JB + i * JB + j, &word, 4);
+      }
+    }
+    dst += int64_t(pairs + 1) * JB;
+  }
+  return dst;
+}
+
+struct StreamPanels16 {
+  int n;
+  const float* z;   // K = n, 8 columns
+  const float* h;   // K = n, 64 columns
+  const float* cb;  // K = 8, 128 columns: per block JB/2 of c, then the same JB/2 of b
+  const float* u;   // K = 72 ([w2; a2]), 32 columns
+  const float* wo;  // this stream's 32 entries of the head (float32)
+};
+
+struct HeadPanels16 {
+  StreamPanels16 stream[2];
+  float bo;
+};
+
+// The packed float32 head as bf16 panels.  Unlike the float32 kernel, log2(e) is not
+// folded into wc and bc (that would round other operands than the reference does): it
+// scales H, in float32.
+inline HeadPanels16 build_bf16_head(const float* packed, int S, float* dst) {
+  const PackedHead layout = packed_head(S);
+  HeadPanels16 head;
+  for (int s = 0; s < 2; ++s) {
+    const PackedStream& ps = layout.stream[s];
+    const float *w1 = packed + ps.w1, *b1 = packed + ps.b1, *g = packed + ps.g,
+                *gb = packed + ps.gb, *wb = packed + ps.wb, *bb = packed + ps.bb,
+                *wc = packed + ps.wc, *bc = packed + ps.bc, *w2 = packed + ps.w2,
+                *b2 = packed + ps.b2;
+    StreamPanels16& sp = head.stream[s];
+    sp.n = ps.n;
+    sp.z = dst;
+    dst = build_panels16(dst, ps.n, kBottleneck, [&](int c) { return gb[c]; },
+                         [&](int c, int k) { return g[k * kBottleneck + c]; });
+    sp.h = dst;
+    dst = build_panels16(dst, ps.n, kHidden, [&](int c) { return b1[c]; },
+                         [&](int c, int k) { return w1[k * kHidden + c]; });
+    sp.cb = dst;
+    const auto unit = [](int c) { return (c / JB) * (JB / 2) + c % (JB / 2); };
+    const auto is_c = [](int c) { return c % JB < JB / 2; };
+    dst = build_panels16(
+        dst, kBottleneck, 2 * kHidden, [&](int c) { return is_c(c) ? bc[unit(c)] : bb[unit(c)]; },
+        [&](int c, int k) { return is_c(c) ? wc[k * kHidden + unit(c)] : wb[k * kHidden + unit(c)]; });
+    sp.u = dst;
+    dst = build_panels16(dst, kHidden + kBottleneck, kOutHidden, [&](int c) { return b2[c]; },
+                         [&](int c, int k) { return w2[k * kOutHidden + c]; });
+    sp.wo = packed + layout.wo + s * kOutHidden;
+  }
+  head.bo = packed[layout.bo];
+  return head;
+}
+
+// One vector of a pair-line from the float32 values of inputs k (lo) and k + 1 (hi):
+// VCVTNE2PS2BF16 puts lo's 16 values in the low half, hi's in the high half, and VPERMW
+// interleaves them row by row.
+inline __m512i pack_pairs(V lo, V hi) {
+  const __m512i interleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+inline void store_pairs(float* line, V lo, V hi) {
+  _mm512_store_si512(reinterpret_cast<void*>(line), pack_pairs(lo, hi));
+}
+
+// acc[j][t] = bias_j + sum over input pairs of VDPBF16PS, for one column block.
+template <int J>
+inline void micro_kernel16(const float* in, int pairs, const float* panel, V (&acc)[J][TV]) {
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+#pragma GCC unroll 4
+    for (int t = 0; t < TV; ++t) acc[j][t] = bcast(panel[j]);
+  }
+  const int32_t* w = reinterpret_cast<const int32_t*>(panel + J);
+  for (int i = 0; i < pairs; ++i, in += R, w += J) {
+    __m512bh x[TV];
+#pragma GCC unroll 4
+    for (int t = 0; t < TV; ++t)
+      x[t] = (__m512bh)_mm512_load_si512(reinterpret_cast<const void*>(in + t * VW));
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      const __m512bh wj = (__m512bh)_mm512_set1_epi32(w[j]);
+#pragma GCC unroll 4
+      for (int t = 0; t < TV; ++t) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], x[t], wj);
+    }
+  }
+}
+
+template <class Epilogue>
+inline void product16(const float* in, int K, const float* panels, int C, Epilogue epilogue) {
+  const int pairs = pairs_of(K);
+  for (int c0 = 0; c0 < C; c0 += JB, panels += int64_t(pairs + 1) * JB) {
+    V acc[JB][TV];
+    micro_kernel16<JB>(in, pairs, panels, acc);
+    epilogue(c0, acc);
+  }
+}
+
+// One stream: inp is n float32 lines; lines is bf16_stream_lines(S) lines of scratch;
+// o (one line) accumulates the head's pre-activation.
+inline void bf16_stream(const float* inp, const StreamPanels16& sp, float* lines, float* o) {
+  float* h = lines;
+  float* pz = h + kHidden * R;                         // [P; Z]: 36 pair-lines
+  float* z = pz + (kHidden / 2) * R;
+  float* ip = pz + ((kHidden + kBottleneck) / 2) * R;  // the input's pairs
+  const int n = sp.n;
+  for (int i = 0; i < pairs_of(n); ++i)
+    for (int t = 0; t < R; t += VW)
+      store_pairs(ip + i * R + t, load(inp + 2 * i * R + t),
+                  2 * i + 1 < n ? load(inp + (2 * i + 1) * R + t) : V{});
+  product16(ip, n, sp.z, kBottleneck, [&](int c0, V(&acc)[JB][TV]) {
+    for (int j = 0; j < JB; j += 2)
+      for (int t = 0; t < TV; ++t)
+        store_pairs(z + (c0 + j) / 2 * R + t * VW, vmax(V{}, acc[j][t]),
+                    vmax(V{}, acc[j + 1][t]));
+  });
+  product16(ip, n, sp.h, kHidden, [&](int c0, V(&acc)[JB][TV]) {
+    for (int j = 0; j < JB; ++j)
+      for (int t = 0; t < TV; ++t)
+        store(h + (c0 + j) * R + t * VW, acc[j][t] * bcast(float(kLog2e)));
+  });
+  product16(z, kBottleneck, sp.cb, 2 * kHidden, [&](int c0, V(&acc)[JB][TV]) {
+    constexpr int half = JB / 2;
+    const int unit0 = c0 / 2;
+    V e[half * TV];
+    for (int j = 0; j < half; ++j)
+      for (int t = 0; t < TV; ++t)
+        e[j * TV + t] = acc[j][t] * load(h + (unit0 + j) * R + t * VW);
+    vexp2(e);
+    for (int j = 0; j < half; j += 2)
+      for (int t = 0; t < TV; ++t)
+        store_pairs(pz + (unit0 + j) / 2 * R + t * VW, acc[half + j][t] * e[j * TV + t],
+                    acc[half + j + 1][t] * e[(j + 1) * TV + t]);
+  });
+  product16(pz, kHidden + kBottleneck, sp.u, kOutHidden, [&](int c0, V(&acc)[JB][TV]) {
+    for (int j = 0; j < JB; ++j) {
+      const V wo = bcast(sp.wo[c0 + j]);
+      for (int t = 0; t < TV; ++t) {
+        const V u = vmax(acc[j][t] * bcast(kLeakySlope), acc[j][t]);
+        store(o + t * VW, fma(u, wo, load(o + t * VW)));
+      }
+    }
+  });
+}
+
+}  // namespace KNOW_ISA
+}  // namespace know
