@@ -10,9 +10,10 @@ bfloat16 values are exact in float32 and accumulate in float32; biases, the exp,
 the head's 64 -> 1 product, tanh, the normalisation and the window slide stay float32.
 
 This module does the same in float64: the rounding of the operands is the only
-approximation, so a kernel's distance to it is its float32 arithmetic (and the rare
-operand that float32 and float64 round to neighbouring bfloat16 values), while its
-distance to ``reference.nowcast_ref`` is what bfloat16 costs.
+approximation besides the stream inputs, computed in float32 as the kernels do, so that
+the same values are rounded.  A kernel's distance to it is its float32 arithmetic (and the
+rare z, p or later-step input that float32 and float64 round to neighbouring bfloat16
+values), while its distance to ``reference.nowcast_ref`` is what bfloat16 costs.
 """
 from __future__ import annotations
 
@@ -61,8 +62,13 @@ def _stream(inp: torch.Tensor, f: Mapping[str, torch.Tensor], prefix: str) -> to
 
 
 def _step(w: torch.Tensor, f: Mapping[str, torch.Tensor], norm: str) -> torch.Tensor:
-    x, scale, shift = normalise(w, norm)
-    u = torch.cat([_stream(x, f, "x"), _stream(x[:, 1:] - x[:, :-1], f, "d")], dim=1)
+    # The stream inputs in float32, as the kernels compute them: rounding the same values
+    # to bfloat16 makes the same operands (float64 ones would round differently now and
+    # then, and one input a bfloat16 unit away moves its row's prediction by ~1e-3).
+    x, scale, shift = normalise(w.to(torch.float32), norm)
+    d = (x[:, 1:] - x[:, :-1]).to(torch.float64)
+    x, scale, shift = x.to(torch.float64), scale.to(torch.float64), shift.to(torch.float64)
+    u = torch.cat([_stream(x, f, "x"), _stream(d, f, "d")], dim=1)
     out = torch.tanh(u @ f["wo"][:, None] + f["bo"])[:, 0]
     return (x[:, -1] + out) * scale + shift
 
@@ -86,5 +92,6 @@ def nowcast_ref_bf16(rows: torch.Tensor, params: Mapping[str, torch.Tensor], nor
         for k in range(steps):
             nxt = _step(w, f, norm)
             out[start:start + w.shape[0], k] = nxt
-            w = torch.cat([w[:, 1:], nxt[:, None]], dim=1)
+            # The window slides in float32, as in the kernels.
+            w = torch.cat([w[:, 1:], nxt[:, None].to(torch.float32).to(torch.float64)], dim=1)
     return out if all_steps else out[:, -1]

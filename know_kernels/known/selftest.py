@@ -15,8 +15,9 @@ from ..kernels.reference_bf16 import nowcast_ref_bf16
 # fp32 kernels must match the float64 reference to this relative L2 error.
 FP32_BOUND = 1e-5
 # The CPU's bf16 products, against the float64 reference of the same rounding
-# (reference_bf16.py); tests/kernels/test_nowcast_cpu_bf16.py says how it was measured.
-BF16_BOUND = 1e-5
+# (reference_bf16.py): measured up to 1.1e-5, bound and measurement in
+# tests/kernels/test_nowcast_cpu_bf16.py.
+BF16_BOUND = 1e-4
 
 
 @dataclass
