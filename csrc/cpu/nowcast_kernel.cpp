@@ -24,11 +24,11 @@ namespace {
 #if defined(KNOW_BF16_PRODUCTS)
 struct Forward {
   static int64_t head_floats(int S) { return bf16_head_panel_floats(S); }
-  static HeadPanels16 build(const float* packed, int S, float* dst) {
+  static HeadPanels build(const float* packed, int S, float* dst) {
     return build_bf16_head(packed, S, dst);
   }
   static int64_t stream_lines(int S) { return bf16_stream_lines(S); }
-  static void run(const float* inp, const StreamPanels16& sp, float* lines, float* o) {
+  static void run(const float* inp, const StreamPanels& sp, float* lines, float* o) {
     bf16_stream(inp, sp, lines, o);
   }
 };

@@ -48,12 +48,7 @@ inline int pairs_of(int K) { return (K + 1) / 2; }
 inline int64_t panel16_floats(int K, int C) { return int64_t(pairs_of(K) + 1) * C; }
 
 inline int64_t bf16_head_panel_floats(int S) {
-  int64_t total = 0;
-  for (int n = S; n >= S - 1; --n)
-    total += panel16_floats(n, kBottleneck) + panel16_floats(n, kHidden) +
-             panel16_floats(kBottleneck, 2 * kHidden) +
-             panel16_floats(kHidden + kBottleneck, kOutHidden);
-  return round_up(total, 16);
+  return head_panel_floats_with(S, panel16_floats);
 }
 
 // Scratch lines of one stream: H, [P; Z] pairs, the input's pairs.
@@ -83,53 +78,17 @@ float* build_panels16(float* dst, int K, int C, Bias bias, Weight weight) {
   return dst;
 }
 
-struct StreamPanels16 {
-  int n;
-  const float* z;   // K = n, 8 columns
-  const float* h;   // K = n, 64 columns
-  const float* cb;  // K = 8, 128 columns: per block JB/2 of c, then the same JB/2 of b
-  const float* u;   // K = 72 ([w2; a2]), 32 columns
-  const float* wo;  // this stream's 32 entries of the head (float32)
-};
-
-struct HeadPanels16 {
-  StreamPanels16 stream[2];
-  float bo;
-};
-
-// The packed float32 head as bf16 panels.  Unlike the float32 kernel, log2(e) is not
-// folded into wc and bc (that would round other operands than the reference does): it
+// The packed float32 head as bf16 panels (in tile_forward.h's StreamPanels, whose panel
+// pointers then point at build_panels16's layout).  Unlike the float32 kernel, log2(e) is
+// not folded into wc and bc (that would round other operands than the reference does): it
 // scales H, in float32.
-inline HeadPanels16 build_bf16_head(const float* packed, int S, float* dst) {
-  const PackedHead layout = packed_head(S);
-  HeadPanels16 head;
-  for (int s = 0; s < 2; ++s) {
-    const PackedStream& ps = layout.stream[s];
-    const float *w1 = packed + ps.w1, *b1 = packed + ps.b1, *g = packed + ps.g,
-                *gb = packed + ps.gb, *wb = packed + ps.wb, *bb = packed + ps.bb,
-                *wc = packed + ps.wc, *bc = packed + ps.bc, *w2 = packed + ps.w2,
-                *b2 = packed + ps.b2;
-    StreamPanels16& sp = head.stream[s];
-    sp.n = ps.n;
-    sp.z = dst;
-    dst = build_panels16(dst, ps.n, kBottleneck, [&](int c) { return gb[c]; },
-                         [&](int c, int k) { return g[k * kBottleneck + c]; });
-    sp.h = dst;
-    dst = build_panels16(dst, ps.n, kHidden, [&](int c) { return b1[c]; },
-                         [&](int c, int k) { return w1[k * kHidden + c]; });
-    sp.cb = dst;
-    const auto unit = [](int c) { return (c / JB) * (JB / 2) + c % (JB / 2); };
-    const auto is_c = [](int c) { return c % JB < JB / 2; };
-    dst = build_panels16(
-        dst, kBottleneck, 2 * kHidden, [&](int c) { return is_c(c) ? bc[unit(c)] : bb[unit(c)]; },
-        [&](int c, int k) { return is_c(c) ? wc[k * kHidden + unit(c)] : wb[k * kHidden + unit(c)]; });
-    sp.u = dst;
-    dst = build_panels16(dst, kHidden + kBottleneck, kOutHidden, [&](int c) { return b2[c]; },
-                         [&](int c, int k) { return w2[k * kOutHidden + c]; });
-    sp.wo = packed + layout.wo + s * kOutHidden;
-  }
-  head.bo = packed[layout.bo];
-  return head;
+inline HeadPanels build_bf16_head(const float* packed, int S, float* dst) {
+  return build_head_with(
+      packed, S, dst,
+      [](float* d, int K, int C, auto bias, auto weight) {
+        return build_panels16(d, K, C, bias, weight);
+      },
+      1.0);
 }
 
 // One vector of a pair-line from the float32 values of inputs k (lo) and k + 1 (hi):
@@ -203,7 +162,7 @@ inline void vexp2_scalef(V (&y)[M]) {
 
 // One stream: inp is n float32 lines; lines is bf16_stream_lines(S) lines of scratch;
 // o (one line) accumulates the head's pre-activation.
-inline void bf16_stream(const float* inp, const StreamPanels16& sp, float* lines, float* o) {
+inline void bf16_stream(const float* inp, const StreamPanels& sp, float* lines, float* o) {
   float* h = lines;
   float* pz = h + kHidden * R;                         // [P; Z]: 36 pair-lines
   float* z = pz + (kHidden / 2) * R;
