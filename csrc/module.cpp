@@ -43,6 +43,11 @@ PYBIND11_MODULE(_C, m) {
     d["avx512bw"] = f.avx512bw;
     d["avx512vl"] = f.avx512vl;
     d["neon"] = f.neon;
+    d["avx512_bf16"] = f.avx512_bf16;
+    d["amx_bf16"] = f.amx_bf16;
+    d["amx_tile"] = f.amx_tile;
+    d["amx_os"] = f.amx_os;
+    d["amx_granted"] = f.amx_granted;
     return d;
   }, "Instruction-set features of the running processor.");
   m.def("best_isa", &know::best_isa, "Best instruction set usable here.");
@@ -100,6 +105,11 @@ PYBIND11_MODULE(_C, m) {
         "Instruction sets the fused kernel was compiled for, best first.");
   m.def("runnable_isas", &know::runnable_isas,
         "Compiled instruction sets this processor can run, best first.");
+  m.def("compiled_bf16_kernels", &know::compiled_bf16_kernels,
+        "Copies of the inference kernel with bfloat16 products compiled into this build "
+        "(nowcast's isa for precision=\"bf16\").");
+  m.def("runnable_bf16_kernels", &know::runnable_bf16_kernels,
+        "Compiled bfloat16-product kernels this processor can run.");
   m.def(
       "vec_math",
       [](const std::string& fn, uintptr_t x, uintptr_t y, int64_t n, const std::string& isa) {

@@ -56,6 +56,30 @@ const IsaKernel kKernels[] = {
     KNOW_ISA_KERNEL(portable, [] { return true; }),
 };
 
+// Copies with bfloat16 products (precision="bf16"), inference only; nowcast() takes their
+// names as its isa.  They are not in compiled_isas(), whose every copy computes in float32.
+struct Bf16Kernel {
+  const char* name;
+  bool (*runnable)();
+  int (*tile_rows)();
+  int64_t (*workspace_floats)(int, int);
+  void (*nowcast)(const NowcastArgs&, float*);
+};
+
+const std::vector<Bf16Kernel>& bf16_kernels() {
+  static const std::vector<Bf16Kernel> kernels = {
+#if defined(KNOW_AVX512_BF16)
+      {"avx512_bf16",
+       [] {
+         const CpuFeatures& f = cpu_features();
+         return f.avx512f && f.avx512bw && f.avx512vl && f.fma && f.f16c && f.avx512_bf16;
+       },
+       &avx512_bf16::tile_rows, &avx512_bf16::workspace_floats, &avx512_bf16::nowcast},
+#endif
+  };
+  return kernels;
+}
+
 [[noreturn]] void refuse(const std::string& broken) {
   throw std::invalid_argument("know_kernels._C refuses the call: " + broken);
 }
@@ -69,6 +93,16 @@ const IsaKernel& kernel_for(const std::string& isa) {
   for (const IsaKernel& k : kKernels)
     if (isa == k.name && k.runnable()) return k;
   refuse("isa '" + isa + "' is not compiled in or not runnable here");
+}
+
+// The bf16 copy named isa (refused where this processor cannot run it), or null.
+const Bf16Kernel* bf16_kernel_for(const std::string& isa) {
+  for (const Bf16Kernel& k : bf16_kernels()) {
+    if (isa != k.name) continue;
+    if (!k.runnable()) refuse("bf16 kernel '" + isa + "' is not runnable here");
+    return &k;
+  }
+  return nullptr;
 }
 
 struct FreeDeleter {
@@ -107,15 +141,33 @@ std::vector<std::string> runnable_isas() {
   return names;
 }
 
-int nowcast_tile_rows(const std::string& isa) { return kernel_for(isa).tile_rows(); }
+std::vector<std::string> compiled_bf16_kernels() {
+  std::vector<std::string> names;
+  for (const Bf16Kernel& k : bf16_kernels()) names.emplace_back(k.name);
+  return names;
+}
+
+std::vector<std::string> runnable_bf16_kernels() {
+  std::vector<std::string> names;
+  for (const Bf16Kernel& k : bf16_kernels())
+    if (k.runnable()) names.emplace_back(k.name);
+  return names;
+}
+
+int nowcast_tile_rows(const std::string& isa) {
+  const Bf16Kernel* bf16 = bf16_kernel_for(isa);
+  return bf16 ? bf16->tile_rows() : kernel_for(isa).tile_rows();
+}
 
 DType dtype_from_code(int code) {
   if (!is_dtype(code)) refuse("unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
 }
 
-void nowcast(const NowcastArgs& args, const std::string& isa) {
-  const IsaKernel& kernel = kernel_for(isa);
+namespace {
+
+template <class Kernel>
+void run_nowcast(const NowcastArgs& args, const Kernel& kernel) {
   guard_common(args.n_rows, args.S, args.threads, args.packed,
                args.S > args.steps ? args.S : args.steps);
   guard(0 <= args.row_begin && args.row_begin <= args.row_end && args.row_end <= args.n_rows,
@@ -127,6 +179,15 @@ void nowcast(const NowcastArgs& args, const std::string& isa) {
   const int64_t tiles = (a.row_end - a.row_begin + kernel.tile_rows() - 1) / kernel.tile_rows();
   if (a.threads > tiles) a.threads = int(tiles);  // idle threads would only cost scratch
   kernel.nowcast(a, workspace(kernel.workspace_floats(a.S, a.threads)).get());
+}
+
+}  // namespace
+
+void nowcast(const NowcastArgs& args, const std::string& isa) {
+  if (const Bf16Kernel* bf16 = bf16_kernel_for(isa))
+    run_nowcast(args, *bf16);
+  else
+    run_nowcast(args, kernel_for(isa));
 }
 
 double l1(const L1Args& args, const std::string& isa) {

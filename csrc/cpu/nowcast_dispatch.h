@@ -19,7 +19,12 @@ std::vector<std::string> runnable_isas();
 // std::invalid_argument for a call the Python wrappers would never make.
 DType dtype_from_code(int code);
 
-// Rows per tile of one instruction set's kernel.
+// The copies with bfloat16 products (precision="bf16") compiled into this build, and the
+// subset this processor can execute; nowcast() takes their names as its isa.
+std::vector<std::string> compiled_bf16_kernels();
+std::vector<std::string> runnable_bf16_kernels();
+
+// Rows per tile of one instruction set's kernel (or bf16 kernel's).
 int nowcast_tile_rows(const std::string& isa);
 
 // Refuses a call that would index out of bounds or an isa this processor cannot run,

@@ -1,25 +1,56 @@
 // The fused KNOWN inference kernel.  This one source is compiled once per instruction set,
-// with -DKNOW_ISA=<namespace> and that set's flags (see simd.h and CMakeLists.txt).
+// with -DKNOW_ISA=<namespace> and that set's flags (see simd.h and CMakeLists.txt), and once
+// more with -DKNOW_BF16_PRODUCTS for the bfloat16 products of precision="bf16".
 //
-// The forward pass over a tile is tile_forward.h (shared with the training kernel); this
-// file runs it over the rows, and for more steps slides the window (still float32, like the
-// reference) and predicts the tile again.
+// The forward pass over a tile is tile_forward.h (shared with the training kernel), or
+// tile_forward_bf16.h; this file runs it over the rows, and for more steps slides the
+// window (still float32, like the reference) and predicts the tile again.
 #include <omp.h>
 
 #include <cstring>
 
 #include "cpu/nowcast_kernel.h"
+#if defined(KNOW_BF16_PRODUCTS)
+#include "cpu/tile_forward_bf16.h"
+#else
 #include "cpu/tile_forward.h"
+#endif
 
 namespace know {
 namespace KNOW_ISA {
 namespace {
 
+// The forward pass's panels and the scratch lines of one stream.
+#if defined(KNOW_BF16_PRODUCTS)
+struct Forward {
+  static int64_t head_floats(int S) { return bf16_head_panel_floats(S); }
+  static HeadPanels build(const float* packed, int S, float* dst) {
+    return build_bf16_head(packed, S, dst);
+  }
+  static int64_t stream_lines(int S) { return bf16_stream_lines(S); }
+  static void run(const float* inp, const StreamPanels& sp, float* lines, float* o) {
+    bf16_stream(inp, sp, lines, o);
+  }
+};
+#else
+struct Forward {
+  static int64_t head_floats(int S) { return head_panel_floats(S); }
+  static HeadPanels build(const float* packed, int S, float* dst) {
+    return build_head(packed, S, dst);
+  }
+  static int64_t stream_lines(int) { return kHidden + kBottleneck; }  // P and Z, adjacent
+  static void run(const float* inp, const StreamPanels& sp, float* lines, float* o) {
+    stream<false>(inp, sp, lines, o, nullptr);
+  }
+};
+#endif
+using Head = decltype(Forward::build(nullptr, 0, nullptr));
+
 // Lines of the per-thread scratch tile: the raw window (S), its normalised form (S), the
-// differences (S - 1), P and Z (64 + 8, adjacent), scale, shift and the head's sum (3);
-// rounded to whole cache lines so that threads never share one.
+// differences (S - 1), a stream's lines, scale, shift and the head's sum (3); rounded to
+// whole cache lines so that threads never share one.
 int64_t scratch_floats(int S) {
-  return round_up(int64_t(3 * S - 1 + kHidden + kBottleneck + 3) * R, 16);
+  return round_up((3 * S - 1 + Forward::stream_lines(S) + 3) * R, 16);
 }
 
 template <class T, class FromFloat>
@@ -47,13 +78,13 @@ void store_step(const NowcastArgs& a, int step, int64_t row0, int64_t valid, con
   }
 }
 
-void process_tile(const NowcastArgs& a, const HeadPanels& head, float* scratch, int64_t row0) {
+void process_tile(const NowcastArgs& a, const Head& head, float* scratch, int64_t row0) {
   const int S = a.S;
   float* win = scratch;
   float* xs = win + S * R;
   float* ds = xs + S * R;
   float* pz = ds + (S - 1) * R;
-  float* scale = pz + (kHidden + kBottleneck) * R;
+  float* scale = pz + Forward::stream_lines(S) * R;
   float* shift = scale + R;
   float* o = shift + R;
   const int64_t valid = a.row_end - row0 < R ? a.row_end - row0 : R;
@@ -62,8 +93,8 @@ void process_tile(const NowcastArgs& a, const HeadPanels& head, float* scratch, 
   for (int step = 0; step < a.steps; ++step) {
     const float* x = normalise(win, S, a.wnn, xs, ds, scale, shift);
     for (int t = 0; t < R; t += VW) store(o + t, bcast(head.bo));
-    stream<false>(x, head.stream[0], pz, o, nullptr);
-    stream<false>(ds, head.stream[1], pz, o, nullptr);
+    Forward::run(x, head.stream[0], pz, o);
+    Forward::run(ds, head.stream[1], pz, o);
     // The prediction goes into scale's line: it is the last use of the scale.
     for (int t = 0; t < TV; ++t) {
       const int at = t * VW;
@@ -96,12 +127,12 @@ void apply(const float* x, float* y, int64_t n, F f) {
 int tile_rows() { return R; }
 
 int64_t workspace_floats(int S, int threads) {
-  return head_panel_floats(S) + int64_t(threads) * scratch_floats(S);
+  return Forward::head_floats(S) + int64_t(threads) * scratch_floats(S);
 }
 
 void nowcast(const NowcastArgs& a, float* workspace) {
-  const HeadPanels head = build_head(a.packed, a.S, workspace);
-  float* scratch0 = workspace + head_panel_floats(a.S);
+  const Head head = Forward::build(a.packed, a.S, workspace);
+  float* scratch0 = workspace + Forward::head_floats(a.S);
   const int64_t per_thread = scratch_floats(a.S);
   const int64_t tiles = (a.row_end - a.row_begin + R - 1) / R;
 #pragma omp parallel num_threads(a.threads)

@@ -45,6 +45,9 @@ KNOW_DECLARE_NOWCAST_ISA(portable)
 KNOW_DECLARE_NOWCAST_ISA(avx2)
 KNOW_DECLARE_NOWCAST_ISA(avx512)
 #endif
+#if defined(KNOW_AVX512_BF16)
+KNOW_DECLARE_NOWCAST_ISA(avx512_bf16)  // the avx512 copy with bfloat16 products (VDPBF16PS)
+#endif
 #undef KNOW_DECLARE_NOWCAST_ISA
 
 }  // namespace know

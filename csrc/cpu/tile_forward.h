@@ -53,14 +53,17 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // it: JB biases, then K rows of JB weights.
 inline int64_t panel_floats(int K, int C) { return int64_t(K + 1) * C; }
 
-inline int64_t head_panel_floats(int S) {
+// Floats of a head's panels, each of floats(K, C) (panel_floats here).
+template <class Floats>
+inline int64_t head_panel_floats_with(int S, Floats floats) {
   int64_t total = 0;
   for (int n = S; n >= S - 1; --n)
-    total += panel_floats(n, kBottleneck) + panel_floats(n, kHidden) +
-             panel_floats(kBottleneck, 2 * kHidden) +
-             panel_floats(kHidden + kBottleneck, kOutHidden);
+    total += floats(n, kBottleneck) + floats(n, kHidden) + floats(kBottleneck, 2 * kHidden) +
+             floats(kHidden + kBottleneck, kOutHidden);
   return round_up(total, 16);  // keeps what follows 64-byte aligned
 }
+
+inline int64_t head_panel_floats(int S) { return head_panel_floats_with(S, panel_floats); }
 
 // C columns as panels: column c's bias is bias(c), its weight for input k is weight(c, k).
 template <class Bias, class Weight>
@@ -89,8 +92,12 @@ struct HeadPanels {
   float bo;
 };
 
-// Reads the packed vector once per call into panels.
-inline HeadPanels build_head(const float* packed, int S, float* dst) {
+// Reads the packed vector once per call into panels, each built by
+// panels(dst, K, C, bias, weight) (build_panels here; tile_forward_bf16.h has its own);
+// c_scale multiplies wc and bc (log2 e here: see kLog2e).
+template <class Panels>
+inline HeadPanels build_head_with(const float* packed, int S, float* dst, Panels panels,
+                                  double c_scale) {
   const PackedHead layout = packed_head(S);
   HeadPanels head;
   for (int s = 0; s < 2; ++s) {
@@ -102,28 +109,35 @@ inline HeadPanels build_head(const float* packed, int S, float* dst) {
     StreamPanels& sp = head.stream[s];
     sp.n = ps.n;
     sp.z = dst;
-    dst = build_panels(dst, ps.n, kBottleneck, [&](int c) { return gb[c]; },
-                       [&](int c, int k) { return g[k * kBottleneck + c]; });
+    dst = panels(dst, ps.n, kBottleneck, [&](int c) { return gb[c]; },
+                 [&](int c, int k) { return g[k * kBottleneck + c]; });
     sp.h = dst;
-    dst = build_panels(dst, ps.n, kHidden, [&](int c) { return b1[c]; },
-                       [&](int c, int k) { return w1[k * kHidden + c]; });
+    dst = panels(dst, ps.n, kHidden, [&](int c) { return b1[c]; },
+                 [&](int c, int k) { return w1[k * kHidden + c]; });
     sp.cb = dst;
-    // Within a block, columns j < JB/2 are c (scaled by log2 e), the rest b, of one unit.
+    // Within a block, columns j < JB/2 are c (scaled by c_scale), the rest b, of one unit.
     const auto unit = [](int c) { return (c / JB) * (JB / 2) + c % (JB / 2); };
     const auto is_c = [](int c) { return c % JB < JB / 2; };
-    dst = build_panels(
+    dst = panels(
         dst, kBottleneck, 2 * kHidden,
-        [&](int c) { return is_c(c) ? float(bc[unit(c)] * kLog2e) : bb[unit(c)]; },
+        [&](int c) { return is_c(c) ? float(bc[unit(c)] * c_scale) : bb[unit(c)]; },
         [&](int c, int k) {
-          return is_c(c) ? float(wc[k * kHidden + unit(c)] * kLog2e) : wb[k * kHidden + unit(c)];
+          return is_c(c) ? float(wc[k * kHidden + unit(c)] * c_scale) : wb[k * kHidden + unit(c)];
         });
     sp.u = dst;
-    dst = build_panels(dst, kHidden + kBottleneck, kOutHidden, [&](int c) { return b2[c]; },
-                       [&](int c, int k) { return w2[k * kOutHidden + c]; });
+    dst = panels(dst, kHidden + kBottleneck, kOutHidden, [&](int c) { return b2[c]; },
+                 [&](int c, int k) { return w2[k * kOutHidden + c]; });
     sp.wo = packed + layout.wo + s * kOutHidden;
   }
   head.bo = packed[layout.bo];
   return head;
+}
+
+inline HeadPanels build_head(const float* packed, int S, float* dst) {
+  return build_head_with(
+      packed, S, dst,
+      [](float* d, int K, int C, auto bias, auto weight) { return build_panels(d, K, C, bias, weight); },
+      kLog2e);
 }
 
 // acc[j][t] = bias_j + sum_k in[k][t] * w[k][j] for one column block and the whole tile.

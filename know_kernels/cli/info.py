@@ -9,6 +9,7 @@ import torch
 from .. import __version__
 from .._ext import IMPORT_ERROR, _C
 from ..kernels.nowcast import BACKENDS, backend_status
+from ..kernels.ops import nowcast_cpu
 
 
 def register(sub) -> None:
@@ -34,6 +35,8 @@ def run(args) -> int:
         feats = ", ".join(k for k, v in _C.cpu_features().items() if v) or "none"
         print(f"extension    know_kernels._C built (OpenMP threads: {_C.openmp_max_threads()})")
         print(f"CPU features {feats}; best ISA here: {_C.best_isa()}")
+        kernel, why = nowcast_cpu.bf16_kernel()
+        print(f"CPU bf16     precision='bf16' {'runs ' + kernel if kernel else 'is refused'}: {why}")
     print("backends:")
     # "cuda" is listed even without a GPU so that each GPU backend says why it cannot run.
     for device in ("cpu", "cuda"):

@@ -40,9 +40,11 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
-                   help="lowest precision of the GPU kernels' matrix products: float32 "
+                   help="lowest precision of the kernels' matrix products: float32 "
                         "(default, within 1e-5 of float64), or the faster tensor-core modes "
-                        "tf32 and bf16 (errors in bench/RESULTS.md); the CPU computes in float32")
+                        "tf32 and bf16 (errors in bench/RESULTS.md); on the CPU, bf16 runs "
+                        "bfloat16 products where the processor has them (AVX512_BF16; "
+                        "`know info` says) and is refused elsewhere, tf32 computes in float32")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="copy entries whose name matches this glob (e.g. 'classifier.*') from "
                         "Θ^0 unchanged; repeatable")

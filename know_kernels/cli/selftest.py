@@ -1,7 +1,7 @@
 """``know selftest``: every usable backend against the float64 reference."""
 from __future__ import annotations
 
-from ..known.selftest import FP32_BOUND, format_table, run_selftest
+from ..known.selftest import BF16_BOUND, FP32_BOUND, format_table, run_selftest
 
 
 def register(sub) -> None:
@@ -19,5 +19,6 @@ def run(args) -> int:
     failed = [c for c in checks if not c.ok]
     ran = [c for c in checks if c.rel_err is not None]
     print(f"{len(ran) - len(failed)} passed, {len(failed)} failed "
-          f"(relative L2 error vs float64 reference, bound {FP32_BOUND:g})")
+          f"(relative L2 error vs float64 reference, bound {FP32_BOUND:g}; precision bf16 "
+          f"vs the float64 reference of its rounding, bound {BF16_BOUND:g})")
     return 1 if failed else 0

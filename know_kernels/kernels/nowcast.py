@@ -17,10 +17,14 @@ kernel writes every element.  ``norm`` is valid, ``steps`` >= 1, ``threads`` Non
 ``precision`` is the lowest precision the matrix products may use, as torch's
 ``allow_tf32`` is a permission rather than an order: "float32" (default) keeps every
 backend within the 1e-5 bound of the tests; "tf32" and "bf16" let the GPU backends round
-the products' operands for tensor-core speed (their errors: ``PRECISION_ARGS`` below and
-bench/RESULTS.md).  A backend without the mode asked for uses its next more precise one:
-the CPU and reference backends always compute in float32 (float64 for float64 rows), and
-the CUDA backend's products go no lower than TF32.
+the products' operands for tensor-core speed, and "bf16" the CPU backend too, with
+VDPBF16PS where the processor has AVX512_BF16 (their errors: ``PRECISION_ARGS`` below and
+bench/RESULTS.md; what bf16 rounds: ``reference_bf16.py``).  A backend without the mode
+asked for uses its next more precise one: the CPU backend's "tf32" and the reference
+backend compute in float32 (float64 for float64 rows), and the CUDA backend's products go
+no lower than TF32.  The one exception: the CPU backend refuses "bf16" on a processor
+without bfloat16 products (RuntimeError naming what is missing) rather than silently
+run the slower float32 products.
 """
 from __future__ import annotations
 
@@ -28,22 +32,25 @@ from typing import Optional
 
 import torch
 
-from .backends import (BACKENDS, REFERENCE_DTYPES, backend_status, check_kernel_dtype,
-                       check_rows, fused_module, resolve_backend)
+from .backends import (BACKENDS, REFERENCE_DTYPES, backend_module, backend_status,
+                       check_kernel_dtype, check_rows, fused_module, resolve_backend)
 from .ops import KERNEL_DTYPES
 from .packing import pack
 from .reference import check_norm, nowcast_ref
 
 __all__ = ["BACKENDS", "KERNEL_DTYPES", "PRECISIONS", "PRECISION_ARGS", "REFERENCE_DTYPES",
-           "backend_status", "check_precision", "nowcast", "resolve_backend"]
+           "backend_status", "check_precision", "check_precision_here", "nowcast",
+           "resolve_backend"]
 
 PRECISIONS = ("float32", "tf32", "bf16")
 # What each fused backend's ``run`` is passed for each precision.  Relative errors against
 # float64 over 3 steps, emulated on the CPU (bench/bench_nowcast_gpu.py --tf32-estimate):
 # triton tf32 up to 6e-4, cuda fast up to 6e-5, triton bf16 up to 1.1e-3 (2.6e-5 on
-# weight-like rows with "wnn"); "float32" ≤ 1.4e-7.
+# weight-like rows with "wnn"); "float32" ≤ 1.4e-7.  cpu bf16 (VDPBF16PS, measured): up
+# to 6.7e-3 (heads with random biases, randn rows), within 1.1e-5 of the float64 reference
+# of the same rounding (reference_bf16.py; tests/kernels/test_nowcast_cpu_bf16.py).
 PRECISION_ARGS = {
-    "cpu": {"float32": {}, "tf32": {}, "bf16": {}},
+    "cpu": {"float32": {}, "tf32": {}, "bf16": {"products": "bf16"}},
     "triton": {"float32": {"input_precision": "ieee"}, "tf32": {"input_precision": "tf32"},
                "bf16": {"input_precision": "bf16"}},
     "cuda": {"float32": {"mode": "precise"}, "tf32": {"mode": "fast"}, "bf16": {"mode": "fast"}},
@@ -54,6 +61,17 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+def check_precision_here(precision: str, backend: str, device: torch.device) -> None:
+    """Refuses, before any work, a precision the backend (``auto``: the one it picks for
+    float32 rows) would refuse on ``device``: the CPU backend's "bf16" on a processor
+    without bfloat16 products (RuntimeError naming what is missing)."""
+    device = torch.device(device)
+    if check_precision(precision) != "bf16" or device.type != "cpu":
+        return
+    if resolve_backend(backend, device, torch.float32) == "cpu":
+        backend_module("cpu", "nowcast").kernel_name("bf16")
 
 
 @torch.no_grad()

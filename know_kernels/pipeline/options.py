@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..kernels.baselines import DEFAULT_LAMBDA, METHODS as BASELINES
-from ..kernels.nowcast import backend_status, check_precision
+from ..kernels.nowcast import backend_status, check_precision, check_precision_here
 from ..known.heads import KNOWN, PRETRAINED_S, pretrained_path
 from ..known.routing import Route
 
@@ -31,7 +31,8 @@ class Options:
     ``known/routing.py``); ``keep``: glob patterns of entries copied from Θ^0 unchanged
     whatever ``route`` says.  ``nonfinite``: ``"error"`` refuses rows holding NaN/Inf,
     ``"passthrough"`` keeps them at Θ^0.  ``backend``, ``threads`` and ``precision`` are
-    ``nowcast``'s (the GPU modes ``"tf32"`` and ``"bf16"`` trade accuracy for speed).
+    ``nowcast``'s (``"tf32"`` on a GPU and ``"bf16"`` on a GPU or a CPU with bfloat16
+    products trade accuracy for speed).
     ``out_dtype`` converts every floating-point output (default: each tensor keeps Θ^0's
     dtype).  ``device``: where the rows are predicted.  ``chunk_rows``: rows per chunk
     (memory grows with it; results do not change for batch-invariant predictors).
@@ -76,6 +77,8 @@ class Options:
             ok, why = backend_status(self.backend, device)
             if not ok:
                 raise RuntimeError(f"backend {self.backend!r} cannot run on {device}: {why}")
+        if self.method == "known":
+            check_precision_here(self.precision, self.backend, device)
 
     @classmethod
     def of(cls, caller: str, options: dict) -> "Options":

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from know_kernels import KNOWN
 from know_kernels.cli import main
+from know_kernels.kernels.ops import nowcast_cpu
 from know_kernels.pipeline.predict import predict
 
 from support.checkpoints import forgetting_checkpoints, read_output, save_checkpoints
@@ -153,13 +154,24 @@ def test_predict_precision_option(setup, capsys, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(run_module, "nowcast", spy)
-    assert main(["predict", *paths, "--out", str(out), "--known", kpath, "--quiet",
-                 "--precision", "bf16"]) == 0
-    assert seen and set(seen) == {"bf16"}
-    # On the CPU the products stay float32: the same bits as the default precision.
+    args = ["predict", *paths, "--out", str(out), "--known", kpath, "--quiet"]
+    assert main(args + ["--precision", "tf32"]) == 0
+    assert seen and set(seen) == {"tf32"}
+    # On the CPU "tf32" computes in float32: the same bits as the default precision.
     want = predict(cks, known)[0]
     got = load_file(str(out / "know_step1.safetensors"))
     assert all(torch.equal(got[name], want[name]) for name in want)
+    # "bf16" runs the CPU's bfloat16 products where the processor has them, else is refused.
+    seen.clear()
+    if nowcast_cpu.bf16_kernel()[0] is None:
+        assert main(args + ["--precision", "bf16", "--force"]) == 2
+        assert "precision='bf16' needs bfloat16 matrix products" in capsys.readouterr().err
+    else:
+        assert main(args + ["--precision", "bf16", "--force"]) == 0
+        assert seen and set(seen) == {"bf16"}
+        want = predict(cks, known, precision="bf16")[0]
+        got = load_file(str(out / "know_step1.safetensors"))
+        assert all(torch.equal(got[name], want[name]) for name in want)
     with pytest.raises(SystemExit):
         main(["predict", *paths, "--out", str(tmp / "x"), "--known", kpath, "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
