@@ -49,7 +49,7 @@ def register(sub) -> None:
                         "of cores); the numbers do not depend on it")
     p.add_argument("--protocol", choices=PROTOCOLS, default="probe",
                    help="downstream protocol: 'probe' (linear probe, default) or 'finetune' "
-                        "(every weight fine-tuned, the paper's; about 25x the probes' time)")
+                        "(every weight fine-tuned, the paper's: 2,240 fine-tunes of 1-2 s at the default, about 30 minutes on 2 cores)")
     p.add_argument("--known", default=None,
                    help="KNOWN weights (.safetensors, see KNOWN.save); default: the weights "
                         "shipped with the package (KNOWN.pretrained())")
