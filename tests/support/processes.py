@@ -1,0 +1,79 @@
+"""The ``know`` command as a subprocess, killed at seeded moments, and what a kill may leave:
+helpers of the crash-safety tests (tests/reliability/)."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import ROOT
+
+
+def know_argv(*args) -> list[str]:
+    """``python -m know_kernels ARGS``: the package this interpreter imports (installed
+    editable in CI, or the tree named by PYTHONPATH)."""
+    return [sys.executable, "-m", "know_kernels", *map(str, args)]
+
+
+def environment(threads: int = 1) -> dict:
+    """The test's environment with the repository first on PYTHONPATH and one thread per
+    process (tiny jobs gain nothing from more, and two of them share the cores)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def run_know(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(know_argv(*args), capture_output=True, text=True, env=environment(),
+                          timeout=timeout, **kw)
+
+
+def start_know(*args) -> subprocess.Popen:
+    """``know ARGS`` started in a session of its own, so a kill takes its workers too."""
+    return subprocess.Popen(know_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=environment(), start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll ``condition()`` until it holds (True) or ``proc`` has exited (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise TimeoutError("the command neither started writing nor exited")
+
+
+def kill(proc: subprocess.Popen) -> int:
+    """SIGKILL ``proc``'s whole session (it and any worker processes); its exit status."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return proc.returncode
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def final_files(root: Path) -> list[Path]:
+    """Files under ``root`` whose names are final (not hidden temporaries)."""
+    root = Path(root)
+    return [p for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in
+                                       p.relative_to(root).parts)]
+
+
+def hidden_files(root: Path) -> list[Path]:
+    root = Path(root)
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p not in final_files(root)]
