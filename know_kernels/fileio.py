@@ -63,13 +63,15 @@ def sweep_stale(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(directory: PathLike) -> Iterator[Path]:
-    """Hold ``directory/.know.lock`` exclusively for the block, so two runs never write into
-    one output directory at once: another holder makes this raise :class:`OutputBusyError`
-    naming the directory, before anything is written.  The directory (and its parents) are
-    made if need be; the lock file, and each directory made here that is still empty, are
-    removed afterwards.  A killed holder's lock is released by the kernel."""
-    directory = Path(directory)
+def output_lock(target: PathLike, file: bool = False) -> Iterator[Path]:
+    """Hold ``target/.know.lock`` (for an output ``file``: ``.NAME.lock`` beside it)
+    exclusively for the block, so two runs never write the same output at once: another
+    holder makes this raise :class:`OutputBusyError` naming ``target``, before anything is
+    written.  The directory (and its parents) are made if need be; the lock file, and each
+    directory made here that is still empty, are removed afterwards.  A killed holder's lock
+    is released by the kernel."""
+    target = Path(target)
+    directory = target.parent if file else target
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"output directory {directory} is a file; give a directory")
     made = [d for d in (*reversed(directory.parents), directory) if not d.exists()]
@@ -77,7 +79,7 @@ def output_lock(directory: PathLike) -> Iterator[Path]:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise naming(exc, directory) from None
-    lock = directory / ".know.lock"
+    lock = directory / (f".{target.name}.lock" if file else ".know.lock")
     try:
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -86,9 +88,10 @@ def output_lock(directory: PathLike) -> Iterator[Path]:
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OutputBusyError(f"{directory}: another know run is writing into "
-                                          f"this directory; wait for it to finish or choose "
-                                          f"another output") from None
+                    where = "this file" if file else "into this directory"
+                    raise OutputBusyError(f"{target}: another know run is writing {where}; "
+                                          f"wait for it to finish or choose another "
+                                          f"output") from None
                 raise naming(exc, lock) from None
             # The holder before us may have removed the file after we opened it: the lock
             # counts only while the name still leads to the file we locked.

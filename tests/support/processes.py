@@ -2,6 +2,7 @@
 helpers of the crash-safety tests (tests/reliability/)."""
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,10 +32,35 @@ def run_know(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, **kw)
 
 
-def start_know(*args) -> subprocess.Popen:
-    """``know ARGS`` started in a session of its own, so a kill takes its workers too."""
-    return subprocess.Popen(know_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=environment(), start_new_session=True)
+def start_know(*args, log=None) -> subprocess.Popen:
+    """``know ARGS`` started in a session of its own, so a kill takes its workers too; its
+    output goes to a pipe, or to the file ``log`` (which a test can watch while it runs)."""
+    out = subprocess.PIPE if log is None else open(log, "wb")
+    try:
+        return subprocess.Popen(know_argv(*args), stdout=out, stderr=subprocess.STDOUT,
+                                env=environment(), start_new_session=True)
+    finally:
+        if log is not None:
+            out.close()
+
+
+def kill_moments(seed: int, kills: int, window: float) -> list[float]:
+    """``kills`` seeded random delays, one in each of ``kills`` equal parts of ``window``
+    (seconds), so that the kills spread over the whole of what a command does."""
+    rng = random.Random(seed)
+    return [window * (i + rng.random()) / kills for i in range(kills)]
+
+
+def kill_after(proc: subprocess.Popen, begun, delay: float) -> bool:
+    """Once ``begun()`` holds, wait ``delay`` seconds and SIGKILL ``proc``; False when it
+    had finished before the kill (the state it left is checked all the same)."""
+    wait_for(begun, proc)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        return True
+    return False
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
