@@ -75,14 +75,14 @@ def output_lock(target: PathLike, file: bool = False) -> Iterator[Path]:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"output directory {directory} is a file; give a directory")
     made = [d for d in (*reversed(directory.parents), directory) if not d.exists()]
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise naming(exc, directory) from None
     lock = directory / (f".{target.name}.lock" if file else ".know.lock")
     try:
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:   # an unwritable or read-only place: name the output
+                raise naming(exc, target, always=True) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -92,7 +92,7 @@ def output_lock(target: PathLike, file: bool = False) -> Iterator[Path]:
                     raise OutputBusyError(f"{target}: another know run is writing {where}; "
                                           f"wait for it to finish or choose another "
                                           f"output") from None
-                raise naming(exc, lock) from None
+                raise naming(exc, target, always=True) from None
             # The holder before us may have removed the file after we opened it: the lock
             # counts only while the name still leads to the file we locked.
             try:

@@ -163,9 +163,12 @@ def _train(args, out: Path) -> int:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4g}")
 
-    known, state = meta_train(store, cfg, checkpoint=ckpt, resume=args.resume, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    try:
+        known, state = meta_train(store, cfg, checkpoint=ckpt, resume=args.resume,
+                                  progress=progress)
+    finally:   # an error then starts a line of its own
+        for bar in bars.values():
+            bar.close()
     known.provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
                         "store": store.summary().get("rows", {}),
                         "train_seconds": round(state.seconds, 1)}
