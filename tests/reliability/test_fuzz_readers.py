@@ -113,6 +113,9 @@ def safetensors_mutation(draw):
 @example(raw=safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                                 "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
                                bytes(16)))
+@example(raw=safetensors_bytes({f"t{i}": {"dtype": "F32", "shape": [256],   # 40 overlapping
+                                          "data_offsets": [4 * i, 4 * i + 1024]}
+                                 for i in range(40)}, bytes(1184)))
 @example(raw=struct.pack("<Q", 4000) + b"[" * 4000)
 def test_safetensors_headers(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("st") / "x.safetensors"

@@ -21,7 +21,7 @@ from know_kernels.research.metatrain import MetaTrainConfig, load_state, meta_tr
 
 from support.checkpoints import wide_checkpoints
 from support.processes import (digests, final_files, hidden_files, kill_after, kill_moments,
-                               run_know, start_know)
+                               run_know, start_know, writing_into)
 from support.stores import synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,13 +39,14 @@ def test_predict(tmp_path):
     out = tmp_path / "out"
     args = ("predict", *inputs, "--out", out, "--steps", 2, "--chunk-rows", CHUNK, "--force",
             "--quiet")
+    killed = []
     for delay in kill_moments(0, 3, window):
-        proc = start_know(*args)   # begun: its own temporaries (not a killed run's) exist
-        kill_after(proc, lambda: out.is_dir() and any(out.glob(f".*.{proc.pid}-*.partial")),
-                   delay)
+        proc = start_know(*args)
+        killed.append(kill_after(proc, lambda: writing_into(proc, out), delay))
         for path in final_files(out):   # whatever has its final name is the whole output
             assert digests(out)[str(path.relative_to(out))] == want[path.name], path
         assert digests(tmp_path / "ck") == ck_before
+    assert killed[0], "the first kill must land while the command writes"
     res = run_know(*args)
     assert res.returncode == 0, res.stderr
     assert digests(out) == want and hidden_files(out) == []   # stale temporaries swept
@@ -95,6 +96,10 @@ def test_collect_with_two_jobs(tmp_path):
         a, b = load_file(str(ref / entry["file"])), load_file(str(out / entry["file"]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run_id
     assert hidden_files(out) == []
+    # Once more: every run is there, so nothing is trained or rewritten.
+    before = digests(out)
+    assert main([*map(str, collect_args(out)), "--jobs", "1"]) == 0
+    assert digests(out) == before
 
 
 META = {"epochs": 2, "batch_size": 64, "checkpoint_every": 5}
@@ -114,11 +119,18 @@ def test_meta_train_resumes(tmp_path):
             "--batch-size", META["batch_size"], "--checkpoint-every", META["checkpoint_every"])
     resume = lambda: ["--resume"] if ckpt.exists() else []
     finished = lambda: out.exists() and not ckpt.exists()   # the checkpoint goes last
+    def done_heads():
+        return list(load_state(ckpt).done) if ckpt.exists() else []
+
+    def trained(text):   # the heads a run trained (each gets a progress bar)
+        return {h for h in ("conv", "fc", "bias") if f"meta-train {h}" in text}
+
     for i, delay in enumerate(kill_moments(2, 2, window)):
         if finished():   # it ended before its kill: run again, it would refuse to overwrite
             break
-        log = tmp_path / f"log{i}"
+        log, before = tmp_path / f"log{i}", done_heads()
         kill_after(start_know(*args, *resume(), log=log), lambda: log.stat().st_size > 0, delay)
+        assert not trained(log.read_text(errors="replace")) & set(before), "not resumed"
         if out.exists():
             KNOWN.load(out)
         if ckpt.exists():
@@ -127,8 +139,10 @@ def test_meta_train_resumes(tmp_path):
             json.loads(out.with_name(out.name + ".validation.json").read_text())
         assert digests(store) == store_before
     if not finished():
+        before = done_heads()
         res = run_know(*args, *resume())
         assert res.returncode == 0, res.stdout + res.stderr
+        assert not trained(res.stderr) & set(before), "not resumed"
     got = KNOWN.load(out)
     for head in want:
         for name, value in want[head].state_dict().items():

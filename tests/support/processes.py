@@ -44,6 +44,24 @@ def start_know(*args, log=None) -> subprocess.Popen:
             out.close()
 
 
+def writing_into(proc: subprocess.Popen, directory: Path) -> bool:
+    """Whether ``proc`` holds a file under ``directory`` open (its output lock aside): it
+    has begun writing there (Linux: its /proc/PID/fd links)."""
+    directory = str(Path(directory).resolve()) + os.sep
+    try:
+        fds = os.listdir(f"/proc/{proc.pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory) and not target.endswith(".lock"):
+            return True
+    return False
+
+
 def kill_moments(seed: int, kills: int, window: float) -> list[float]:
     """``kills`` seeded random delays, one in each of ``kills`` equal parts of ``window``
     (seconds), so that the kills spread over the whole of what a command does."""
