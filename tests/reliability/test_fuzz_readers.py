@@ -134,6 +134,7 @@ def torch_file(directory):
     return path.read_bytes()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch on a damaged pickle
 @FUZZ
 @given(data=st.data())
 def test_torch_zip_checkpoints(tmp_path_factory, data):
