@@ -80,7 +80,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.4"],
         "data": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "hypothesis"],
         # know_kernels.integrations; transformers' Trainer refuses to run without accelerate.
         "integrations": ["transformers>=4.46", "accelerate>=1.1.0", "lightning>=2.0"],
     },

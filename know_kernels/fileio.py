@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -29,22 +33,113 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class OutputBusyError(RuntimeError):
+    """Another process is writing into the same output (it holds its lock)."""
+
+
+def naming(exc: OSError, path: PathLike, always: bool = False) -> OSError:
+    """``exc`` as the same error naming ``path``: a failed read or write of an open file
+    names no file (a full disk reads ``[Errno 28] No space left on device``).  An error that
+    names a file already keeps it unless ``always`` (its file is a temporary of ``path``)."""
+    if not exc.errno or (exc.filename is not None and not always):
+        return exc
+    return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+def unique_token() -> str:
+    """A name part no other process (this process id) or call (random) uses at once."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def sweep_stale(path: PathLike) -> None:
+    """Remove the temporary files of earlier, interrupted writes of ``path`` (``.NAME.*``
+    ending ``.partial`` or ``.tmp``); only for a process holding the output's lock."""
+    path = Path(path)
+    pattern = glob.escape(str(path.parent / f".{path.name}.")) + "*"
+    for stale in glob.glob(pattern):
+        if stale.endswith((".partial", ".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+
+
+@contextlib.contextmanager
+def output_lock(target: PathLike, file: bool = False) -> Iterator[Path]:
+    """Hold ``target/.know.lock`` (for an output ``file``: ``.NAME.lock`` beside it)
+    exclusively for the block, so two runs never write the same output at once: another
+    holder makes this raise :class:`OutputBusyError` naming ``target``, before anything is
+    written.  The directory (and its parents) are made if need be; the lock file, and each
+    directory made here that is still empty, are removed afterwards.  A killed holder's lock
+    is released by the kernel."""
+    target = Path(target)
+    directory = target.parent if file else target
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"output directory {directory} is a file; give a directory")
+    made = [d for d in (*reversed(directory.parents), directory) if not d.exists()]
+    lock = directory / (f".{target.name}.lock" if file else ".know.lock")
+    try:
+        while True:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:   # an unwritable or read-only place: name the output
+                raise naming(exc, target, always=True) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    where = "this file" if file else "into this directory"
+                    raise OutputBusyError(f"{target}: another know run is writing {where}; "
+                                          f"wait for it to finish or choose another "
+                                          f"output") from None
+                raise naming(exc, target, always=True) from None
+            # The holder before us may have removed the file after we opened it: the lock
+            # counts only while the name still leads to the file we locked.
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except BaseException:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success,
-    so a crash or a full disk never leaves a partial file under the final name."""
+    """Yield a temporary path beside ``path`` (a name unique to this process and call);
+    rename it over ``path`` only on success, so a crash or a full disk never leaves a
+    partial file under the final name, nor one run's file under another's."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise naming(exc, path, always=True) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); outputs get the mode any new file would.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            # mkstemp makes the file private (0600); outputs get the mode any new file would.
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise naming(exc, path) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -108,7 +203,14 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: PathLike,
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        try:
+            save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        except Exception as exc:  # a failed write comes back as SafetensorError("… (os error 28)")
+            found = re.search(r"\(os error (\d+)\)", str(exc))
+            if not found:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def read_at(fd: int, out: torch.Tensor, offset: int, what: str) -> None:

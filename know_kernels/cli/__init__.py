@@ -28,7 +28,9 @@ def main(argv=None) -> int:
         f"know {args.command}: warning: {message}\n")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError, RuntimeError) as exc:
+    # OSError: a full disk, a read-only or unwritable place (named by the write layer), a
+    # missing or existing file.
+    except (ValueError, OSError, TypeError, KeyError, RuntimeError) as exc:
         print(f"know {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:

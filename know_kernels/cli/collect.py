@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch.utils.data import TensorDataset
 
+from ..fileio import output_lock, sweep_stale
 from ..io.mat_import import import_mat
 from ..io.store import STORE_DTYPES, MetaDataset, save_trajectory
 from ..research.collection_plan import (PRESETS, Preset, draw_settings, plan_run, recipe_of,
@@ -190,7 +191,15 @@ def collect(out: str, preset: Preset, preset_name: str, runs: int, seed: int = 0
         raise ValueError(f"--runs must be >= 1, got {runs}")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    # One collection at a time per store: its index has a single writer.
+    with output_lock(out):
+        return _collect(out, preset, preset_name, runs, seed, data_dir, quiet, jobs)
+
+
+def _collect(out, preset: Preset, preset_name: str, runs: int, seed: int,
+             data_dir: Optional[str], quiet: bool, jobs: int) -> MetaDataset:
     store = MetaDataset(out)
+    sweep_stale(store.index_path)   # what killed runs were writing
     recipe = recipe_of(preset, preset_name, seed)
     if store.recipe is None:
         store.set_recipe(recipe)
@@ -201,6 +210,9 @@ def collect(out: str, preset: Preset, preset_name: str, runs: int, seed: int = 0
                          "use a new --out, or the same preset, seed and options")
     todo = [plan for plan in (plan_run(preset, seed, k) for k in range(runs))
             if plan["run_id"] not in store]
+    for plan in todo:
+        sweep_stale(store.run_path(plan["run_id"]))
+        sweep_stale(store.root / f"{plan['run_id']}.json")
     from tqdm.auto import tqdm
     bar = tqdm(total=len(todo), desc="collect", unit="run", disable=True if quiet else None)
 

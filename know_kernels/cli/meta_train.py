@@ -10,7 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, output_lock, sweep_stale
 from ..known.heads import KNOWN
 from ..kernels.l1 import LOSS_SPACES
 from ..research.metatrain import (MetaTrainConfig, baseline_predictors, known_predictor,
@@ -56,7 +56,12 @@ def register(sub) -> None:
                         "(default: off)")
     p.add_argument("--backend", choices=BACKENDS + ("auto",), default=MetaTrainConfig.backend,
                    help="l1_loss backend (default auto: the fused kernel for the device)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--checkpoint-every", type=int, default=MetaTrainConfig.checkpoint_every,
+                   help="steps between the checkpoints (OUT.ckpt) that --resume continues "
+                        f"from (default {MetaTrainConfig.checkpoint_every}; also after each head)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.ckpt (also when it was "
+                        "interrupted after writing OUT: OUT.ckpt is removed last)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     _add_split(p)
     p.set_defaults(func=run_train)
@@ -129,15 +134,26 @@ def _report(store, known, args) -> tuple[dict, dict]:
 
 def run_train(args) -> int:
     out = Path(args.out)
-    if out.exists() and not args.force:
+    # One run at a time per OUT (it and OUT.ckpt are rewritten throughout).
+    with output_lock(out, file=True):
+        return _train(args, out)
+
+
+def _train(args, out: Path) -> int:
+    ckpt = out.with_name(out.name + ".ckpt")
+    report = out.with_name(out.name + ".validation.json")
+    for path in (out, ckpt, report):
+        sweep_stale(path)   # what a killed run was writing
+    # A run removes its checkpoint last, so OUT beside OUT.ckpt is an unfinished run's.
+    if out.exists() and not args.force and not (args.resume and ckpt.is_file()):
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     store = MetaDataset(args.store, create=False)
     cfg = MetaTrainConfig(S=args.S, norm=args.norm, loss_space=args.loss_space,
                           heads=tuple(args.heads), batch_size=args.batch_size, lr=args.lr,
                           epochs=args.epochs, seed=args.seed, val_architectures=tuple(args.val_arch),
                           val_datasets=tuple(args.val_dataset), backend=args.backend,
-                          sign_flip=args.sign_flip).check()
-    ckpt = out.with_name(out.name + ".ckpt")
+                          sign_flip=args.sign_flip,
+                          checkpoint_every=args.checkpoint_every).check()
     bars = {}
 
     def progress(head, step, total, loss):
@@ -147,16 +163,19 @@ def run_train(args) -> int:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4g}")
 
-    known, state = meta_train(store, cfg, checkpoint=ckpt, resume=args.resume, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    try:
+        known, state = meta_train(store, cfg, checkpoint=ckpt, resume=args.resume,
+                                  progress=progress)
+    finally:   # an error then starts a line of its own
+        for bar in bars.values():
+            bar.close()
     known.provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
                         "store": store.summary().get("rows", {}),
                         "train_seconds": round(state.seconds, 1)}
     table, per_run = _report(store, known, args)
     known.provenance["validation"] = table
     known.save(out)
-    with atomic_path(out.with_name(out.name + ".validation.json")) as tmp:
+    with atomic_path(report) as tmp:
         tmp.write_text(json.dumps({"validation": table, "per_run": per_run,
                                    "train_seconds": state.seconds,
                                    "history": state.history}, indent=1))

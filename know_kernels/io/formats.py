@@ -72,8 +72,8 @@ def read_safetensors_header(path: PathLike) -> tuple[dict, int]:
             raise _unreadable(path, f"header length {n} exceeds the file or the format's limit")
         try:
             header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise _unreadable(path, f"header is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:   # RecursionError: nested too deep
+            raise _unreadable(path, f"header is not JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise _unreadable(path, "header is not a JSON object")
     return header, 8 + n
@@ -94,11 +94,22 @@ def safetensors_refs(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise _unreadable(path, f"bad header entry for {name!r}: {spec!r}") from exc
+        if any(d < 0 for d in shape):
+            raise _unreadable(path, f"{name!r} has a negative dimension in its shape {list(shape)}")
         if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data_size:
             raise _unreadable(path, f"{name!r} has data_offsets {[begin, end]} that do not fit "
                                     f"its shape {list(shape)} {spec['dtype']} and the file")
         refs[name] = TensorRef(dtype, shape, path, start + begin)
-    return dict(sorted(refs.items(), key=lambda kv: kv[1].offset)), metadata
+    refs = dict(sorted(refs.items(), key=lambda kv: kv[1].offset))
+    # Tensors may not share bytes (as safetensors requires): overlapping entries would let a
+    # small file stand for any number of large tensors.
+    end, last = start, None
+    for name, ref in refs.items():
+        if ref.numel:
+            if ref.offset < end:
+                raise _unreadable(path, f"{name!r} overlaps {last!r} in the data")
+            end, last = ref.offset + ref.numel * ref.itemsize, name
+    return refs, metadata
 
 
 def _zip_records(path: Path) -> dict[int, int]:
@@ -111,7 +122,7 @@ def _zip_records(path: Path) -> dict[int, int]:
                 continue
             fh.seek(info.header_offset)
             local = fh.read(30)
-            if local[:4] != b"PK\x03\x04":
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 continue
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             if info.file_size:
@@ -142,8 +153,8 @@ def torch_refs(path: Path) -> dict[str, TensorRef]:
             storages[s.data_ptr()] = s.nbytes()
     try:
         records = _zip_records(path)
-    except zipfile.BadZipFile:
-        records = {}
+    except Exception:  # zipfile's reading of a damaged archive raises many types
+        records = {}   # torch read it: its tensors are then copied from the memory map
     base = None
     if storages and records:
         lowest = min(storages)

@@ -19,7 +19,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..fileio import PathLike, atomic_path, listing, save_safetensors, write_at
+from ..fileio import (PathLike, atomic_path, listing, naming, save_safetensors, sweep_stale,
+                      unique_token, write_at)
 from .formats import ST_NAMES
 from .sources import INDEX_SUFFIXES, FileSource, Source
 
@@ -28,15 +29,18 @@ class OutFile:
     """A safetensors file written out of order.
 
     The header is fixed from the tensors' dtypes and shapes, so every tensor's byte range
-    is known before any data exists.  The file is built as ``.NAME.partial`` beside the
-    target (a fixed name, so every rank of a distributed job opens the same one and a rerun
-    after a crash reuses it) and renamed over the target by :meth:`commit`.
+    is known before any data exists.  The file is built as ``.NAME.TOKEN.partial`` beside
+    the target and renamed over it by :meth:`commit`.  ``token`` (default: one unique to
+    this process and call, :func:`~know_kernels.fileio.unique_token`) is the same on every
+    rank of a distributed job, so they all open one file, and differs between runs, so two
+    runs never write into each other's file.  Every failed read or write raises an
+    ``OSError`` naming the target.
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Optional[Mapping[str, str]] = None):
+                 metadata: Optional[Mapping[str, str]] = None, token: Optional[str] = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp = self.path.with_name(f".{self.path.name}.{token or unique_token()}.partial")
         # Widest dtypes first keeps every tensor aligned to its element size, as safetensors does.
         ordered = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -57,37 +61,50 @@ class OutFile:
         self._fd: Optional[int] = None
         self.written = 0
 
+    @contextlib.contextmanager
+    def _named(self):
+        try:
+            yield
+        except OSError as exc:
+            raise naming(exc, self.path, always=True) from None
+
     def create(self) -> None:
         """The temporary file at full size with its header (one process does this)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            os.pwrite(fd, self.header, 0)
-            os.ftruncate(fd, self.size)
-        finally:
-            os.close(fd)
+        with self._named():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                write_at(fd, torch.frombuffer(bytearray(self.header), dtype=torch.uint8), 0)
+                os.ftruncate(fd, self.size)
+            finally:
+                os.close(fd)
 
     def open(self) -> None:
-        self._fd = os.open(self.tmp, os.O_WRONLY)
+        with self._named():
+            self._fd = os.open(self.tmp, os.O_WRONLY)
 
     def write(self, name: str, start: int, data: torch.Tensor) -> None:
         """Elements of ``name`` from flat index ``start``: ``data`` is contiguous, 1-D, on
         the CPU, in the file's dtype for ``name``."""
         if data.dtype != self.dtypes[name]:
             raise TypeError(f"{name!r} is {self.dtypes[name]} in {self.path}, got {data.dtype}")
-        self.written += write_at(self._fd, data, self.offsets[name] + start * data.element_size())
+        with self._named():
+            self.written += write_at(self._fd, data,
+                                     self.offsets[name] + start * data.element_size())
 
     def close(self, sync: bool = True) -> None:
         if self._fd is not None:
             try:
                 if sync:
-                    os.fsync(self._fd)
+                    with self._named():
+                        os.fsync(self._fd)
             finally:
                 os.close(self._fd)
                 self._fd = None
 
     def commit(self) -> None:
-        os.replace(self.tmp, self.path)
+        with self._named():
+            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
         self.close(sync=False)
@@ -170,7 +187,7 @@ def safetensors_name(name: str) -> str:
 
 
 def _plan_output(out_dir: Path, step: int, source: FileSource,
-                 dtypes: Mapping[str, torch.dtype], know_meta: dict) -> _Output:
+                 dtypes: Mapping[str, torch.dtype], know_meta: dict, token: str) -> _Output:
     sharded = source.shards is not None
     target = output_target(out_dir, step, sharded)
     layout = source.shards if sharded else {target.name: list(source.tensors)}
@@ -183,7 +200,7 @@ def _plan_output(out_dir: Path, step: int, source: FileSource,
         # safetensors stores no shared tensors: a tied name is left to its loader to re-tie
         kept = [n for n in names if n not in source.tied]
         out = OutFile((target / safetensors_name(file_name)) if sharded else out_dir / file_name,
-                      [(n, dtypes[n], source.tensors[n].shape) for n in kept], meta)
+                      [(n, dtypes[n], source.tensors[n].shape) for n in kept], meta, token)
         files.append(out)
         where.update((n, out) for n in kept)
     index = None
@@ -199,17 +216,24 @@ class FileSink:
 
     Nothing is created until :meth:`create`; :meth:`discard` removes every temporary file
     and each directory that ``create`` made, so a failed run leaves the disk as it found it.
+    ``token`` names this run's temporary files (the same on every rank; default: unique).
+    The caller holds ``out_dir``'s :func:`~know_kernels.fileio.output_lock` from before
+    :meth:`check_targets` until after :meth:`commit`: then :meth:`create` may sweep away
+    what earlier, killed runs left.
     """
 
     def __init__(self, out_dir: PathLike, source: FileSource, steps: int,
-                 dtypes: Mapping[str, torch.dtype], metadata: dict):
+                 dtypes: Mapping[str, torch.dtype], metadata: dict,
+                 token: Optional[str] = None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"output directory {self.out_dir} is a file; give a directory")
         unstorable = [f"{n!r} ({d})" for n, d in dtypes.items() if d not in ST_NAMES]
         if unstorable:
             raise ValueError(f"{source.label}: safetensors cannot store {listing(unstorable)}")
-        self.outputs = [_plan_output(self.out_dir, k, source, dtypes, {**metadata, "know_step": k})
+        token = token or unique_token()
+        self.outputs = [_plan_output(self.out_dir, k, source, dtypes, {**metadata, "know_step": k},
+                                     token)
                         for k in range(1, steps + 1)]
         self._made: list[Path] = []
 
@@ -232,6 +256,9 @@ class FileSink:
         directories = [*reversed(self.out_dir.parents), self.out_dir]
         directories += [o.target for o in self.outputs if o.target.suffix != ".safetensors"]
         self._made = [d for d in directories if not d.exists()]
+        for out in self.outputs:
+            for path in out.paths():
+                sweep_stale(path)
         for f in self.files():
             f.create()
 

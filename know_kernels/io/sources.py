@@ -153,6 +153,9 @@ def _open_sharded(index: Path, label: str, directory: Optional[Path]) -> FileSou
                          f"({exc})") from exc
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ValueError(f"{index}: weight_map maps {name!r} to {shard!r}, not a shard "
+                             f"file name")
         by_shard.setdefault(shard, []).append(name)
     tensors, files, shards, metadata = {}, [index], {}, {}
     for shard in sorted(by_shard):

@@ -70,6 +70,14 @@ class Comm:
             raise error
         raise RankFailed("; ".join(f"rank {r} failed: {messages[r]}" for r in failed))
 
+    def shared(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _flag_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 

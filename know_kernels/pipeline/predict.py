@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..fileio import load_state_dict
+from ..fileio import load_state_dict, output_lock, unique_token
 from ..io.sinks import FileSink, MemorySink
 from ..io.sources import FileSource, Source, open_checkpoint, open_source
 from ..known.heads import KNOWN
@@ -127,12 +127,16 @@ def predict_files(checkpoints: Sequence[PathLike], out_dir: PathLike,
     if known is not None:
         metadata.update(({"known": str(known_path)} if known_path else {}),
                         known_provenance=known.provenance)
-    with communicator(opts.device) as comm:
+    with communicator(opts.device) as comm, contextlib.ExitStack() as stack:
+        # Rank 0 holds the output directory's lock from before the targets are checked
+        # until after they are committed: a second run into it is refused, not mixed in.
+        comm.step(lambda: stack.enter_context(output_lock(out_dir)) if comm.rank == 0 else None)
+        token = comm.shared(unique_token())
         with _opened(used, lambda ck, i: open_checkpoint(ck)) as sources:
             def plan_job():
                 first: FileSource = sources[0]
                 sink = FileSink(out_dir, first, opts.steps,
-                                output_dtypes(first, opts.out_dtype), metadata)
+                                output_dtypes(first, opts.out_dtype), metadata, token)
                 sink.check_targets([p for s in sources for p in s.files]
                                    + ([known_path] if known_path else []), force)
                 share = lambda groups, weights: split(groups, weights, comm.rank, comm.world)

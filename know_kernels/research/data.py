@@ -15,7 +15,7 @@ expected format raises an error naming it (and, when missing, saying how to get 
 """
 from __future__ import annotations
 
-import gzip
+import math
 import os
 import pickle
 import zlib
@@ -75,24 +75,47 @@ class DataSplit:
 
 # ----------------------------------------------------------------------------------- IDX
 
+# An IDX file's header is at most 4 + 4 * 255 bytes.
+_IDX_MAX_HEADER = 4 + 4 * 255
+
+
 def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc})") from exc
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+
+
+def _gunzip(raw: bytes, limit: int, path: Path) -> bytes:
+    """At most the first ``limit`` bytes of gzip data ``raw`` (all its members), decompressed
+    no further: a small file cannot expand past what its reader asks for."""
+    parts, total, data = [], 0, raw
+    stream = zlib.decompressobj(wbits=31)
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
+        while data and total < limit:
+            chunk = stream.decompress(data, min(limit - total, 1 << 26))
+            parts.append(chunk)
+            total += len(chunk)
+            data = stream.unconsumed_tail
+            if stream.eof:
+                data = stream.unused_data
+                if data:
+                    stream = zlib.decompressobj(wbits=31)   # another member follows
+            elif not chunk and not data:
+                break
+    except zlib.error as exc:
         raise ValueError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+    if total < limit and not stream.eof:
+        raise ValueError(f"{path}: corrupt or truncated gzip data (the stream ends early)")
+    return b"".join(parts)
 
 
 def read_idx(path: PathLike) -> np.ndarray:
     """An IDX file (plain or gzip) as a numpy array in native byte order."""
     path = Path(path)
-    data = _read_bytes(path)
+    raw = _read_bytes(path)
+    compressed = raw[:2] == b"\x1f\x8b"
+    data = _gunzip(raw, _IDX_MAX_HEADER, path) if compressed else raw
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
     ndim = data[3]
@@ -101,10 +124,14 @@ def read_idx(path: PathLike) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize   # Python integers: no overflow
+    if compressed:   # one byte past what the header declares tells an oversized file
+        data = _gunzip(raw, header + expected + 1, path)
     if len(data) - header != expected:
+        more = "more than " if len(data) - header > expected else ""
         raise ValueError(f"{path}: truncated or oversized IDX data: header says shape {shape} "
-                         f"({expected} bytes) but {len(data) - header} bytes follow")
+                         f"({expected} bytes) but {more}{min(len(data) - header, expected)} "
+                         f"bytes follow")
     array = np.frombuffer(data, dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
 

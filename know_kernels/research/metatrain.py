@@ -11,6 +11,7 @@ Validation is split by whole runs (held-out architectures and datasets), never b
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -169,8 +170,12 @@ def save_state(state: TrainState, path: PathLike) -> None:
             "optimizer": state.optimizer or {}, "epoch": state.epoch, "batch": state.batch,
             "step": state.step,
             "history": json.dumps(state.history), "seconds": state.seconds}
+    # Serialised in memory first: torch.save's own writer reports a full disk as an
+    # "enforce fail" RuntimeError; a plain write raises OSError, named by atomic_path.
+    data = io.BytesIO()
+    torch.save(blob, data)
     with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+        tmp.write_bytes(data.getbuffer())
 
 
 def load_state(path: PathLike) -> TrainState:

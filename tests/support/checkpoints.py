@@ -89,3 +89,20 @@ def read_output(target):
     for f in sorted(target.glob("*.safetensors")):
         state.update(load_file(str(f)))
     return state
+
+
+class Wide(nn.Module):
+    """About ``width``² parameters of every head, for runs that last long enough to be
+    interrupted (a few seconds with small chunks)."""
+
+    def __init__(self, width=256):
+        super().__init__()
+        self.conv = nn.Conv2d(width // 16, width // 16, 3)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width // 2)
+
+
+def wide_checkpoints(directory, width=256, S=5):
+    """``Wide(width)``'s drifting checkpoints saved as .safetensors; returns the paths."""
+    return save_checkpoints(drifting_checkpoints(lambda: Wide(width), S), directory,
+                            "safetensors")
