@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from ..fileio import output_lock
 from ..research.demo import run_demo, write_outputs
 from ..research.demo_config import FINETUNE, PRESETS, PROTOCOLS, TASKS
 from ..known.heads import KNOWN
@@ -111,13 +112,16 @@ def run(args) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
-        results = run_demo(config, known, known_source=source, data_dir=args.data_dir,
-                           jobs=args.jobs, threads=args.threads, progress=not args.quiet,
-                           log=log)
-    finally:
-        torch.set_num_threads(threads)
-    paths = write_outputs(results, args.out)
+    # Held for the whole run: a second demo into the same --out is refused at once rather
+    # than mixing its results.json with this run's results.png.
+    with output_lock(args.out):
+        try:
+            results = run_demo(config, known, known_source=source, data_dir=args.data_dir,
+                               jobs=args.jobs, threads=args.threads,
+                               progress=not args.quiet, log=log)
+        finally:
+            torch.set_num_threads(threads)
+        paths = write_outputs(results, args.out)
     for name, task in results["tasks"].items():
         print(f"\n## {name}\n")
         print(format_pooled_table(task, results["verdict"]["tasks"][name]["rows"]))

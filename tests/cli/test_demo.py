@@ -16,6 +16,7 @@ import pytest
 from know_kernels import KNOWN
 from know_kernels.research import data
 from know_kernels.cli import main
+from know_kernels.fileio import output_lock
 from know_kernels.research.controls import noise_method
 from know_kernels.research.transfer import MORE_DATA, NAIVE, PAPER_ORDER
 from know_kernels.research.verdict import verdict as recompute_verdict
@@ -139,6 +140,16 @@ def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_demo_into_a_busy_output_is_refused(tmp_path, data_args, known_path, capsys):
+    out = tmp_path / "out"
+    with output_lock(out):
+        assert main(["demo", "--quick", "--quiet", "--out", str(out), "--known", known_path,
+                     *data_args]) == 2
+        assert sorted(p.name for p in out.iterdir()) == [".know.lock"]
+    err = capsys.readouterr().err
+    assert str(out) in err and "another know run is writing" in err
 
 
 def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, known_path, capsys):
