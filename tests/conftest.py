@@ -38,3 +38,19 @@ def known_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("known") / "known.safetensors"
     KNOWN.init(seed=0).save(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def replay_store(tmp_path_factory):
+    """Three quick replayable runs on scikit-learn's digits (an mlp, without BatchNorm, a
+    shufflenet and a cnn, with it), collected once per session (about 15 s)."""
+    from know_kernels.cli import main
+    from know_kernels.io.store import MetaDataset
+    root = tmp_path_factory.mktemp("replay") / "store"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["collect", "--out", str(root), "--runs", "3", "--preset", "quick",
+                     "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return MetaDataset(root, create=False)

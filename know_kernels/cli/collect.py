@@ -5,7 +5,10 @@
     know collect --out DIR --import-mat FILE.mat [FILE.mat ...]
 
 Run k's architecture, dataset, r, learning rate and batch size are drawn as
-:mod:`know_kernels.research.collection_plan` says, from (--seed, k) alone.
+:mod:`know_kernels.research.collection_plan` says, from (--seed, k) alone.  Every run
+records what rebuilds it (:mod:`know_kernels.research.replay`): its dataset, the indices of
+D^0, of every stage's subset, of its held-out images and of an extra pool E, and the
+BatchNorm statistics of every stage.
 
 The regime is the paper's: Θ^0 is trained on a random D^0 **to convergence** (cosine
 cycles until held-out source accuracy stops improving, checked on ``val_size`` training
@@ -37,6 +40,7 @@ from ..research.collection_plan import (PRESETS, Preset, draw_settings, plan_run
                                         training_samples)
 from ..research.data import DataSplit, load_dataset, parse_dataset_list
 from ..research.forgetting import progressive_forgetting, subset_sizes
+from ..research.replay import replay_record
 from ..research.training import Convergence, NonFiniteLossError
 from ..research.zoo import ARCHITECTURES, build_model, count_parameters
 
@@ -120,8 +124,11 @@ def train_run(plan: dict, preset: Preset, seed: int, data: DataSplit, path,
     except NonFiniteLossError as exc:
         meta["subset_sizes"] = subset_sizes(len(draws["d0"]), draws["r"], preset.stages)
         return "failed", {"meta": meta, "error": str(exc)}
-    schedule.info.update(meta, run_seconds=time.perf_counter() - started)
-    save_trajectory(schedule.trajectory(), path, preset.dtype)
+    schedule.info.update(meta, run_seconds=time.perf_counter() - started,
+                         replay=replay_record(data.name, preset.test_size, len(draws["extra"])))
+    trajectory = schedule.trajectory()
+    trajectory.splits = {"val": draws["val"], "extra": draws["extra"]}
+    save_trajectory(trajectory, path, preset.dtype)
     return "ok", {}
 
 

@@ -15,6 +15,9 @@ from ..known.heads import KNOWN
 from ..kernels.l1 import LOSS_SPACES
 from ..research.metatrain import (MetaTrainConfig, baseline_predictors, known_predictor,
                                   meta_train, prediction_errors, split_runs, window_count)
+from ..research.task_metatrain import (INITS, PREDICTORS, TaskTrainConfig, meta_train_task,
+                                       validate)
+from ..research.task_objective import OBJECTIVES
 from ..kernels.nowcast import BACKENDS
 from ..kernels.reference import NORMS
 from ..known.routing import HEADS
@@ -42,9 +45,12 @@ def register(sub) -> None:
     p = sub.add_parser("meta-train", help="meta-train KNOWN on a collected meta-dataset")
     p.add_argument("store", help="meta-dataset directory (from `know collect`)")
     p.add_argument("--out", required=True, help="where to write the KNOWN (.safetensors)")
-    p.add_argument("--epochs", type=int, default=MetaTrainConfig.epochs)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default {MetaTrainConfig.epochs} (l1), {TaskTrainConfig.epochs} "
+                        f"(task, mixed, lincomb)")
     p.add_argument("--batch-size", type=int, default=MetaTrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=MetaTrainConfig.lr)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default {MetaTrainConfig.lr:g} (l1), {TaskTrainConfig.lr:g} (task)")
     p.add_argument("--norm", choices=NORMS, default=MetaTrainConfig.norm)
     p.add_argument("--loss-space", choices=LOSS_SPACES, default=MetaTrainConfig.loss_space)
     p.add_argument("--heads", type=_csv, default=HEADS)
@@ -63,6 +69,24 @@ def register(sub) -> None:
                    help="continue an interrupted run from OUT.ckpt (also when it was "
                         "interrupted after writing OUT: OUT.ckpt is removed last)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    t = p.add_argument_group(
+        "the task objective", "score each prediction by the loss of the run's network on "
+        "images it never saw (needs a store collected with --preset replay; "
+        "docs/collection.md)")
+    t.add_argument("--objective", choices=OBJECTIVES, default="l1",
+                   help="l1: the paper's, per head (default); task; mixed: l1 + beta*task")
+    t.add_argument("--predictor", choices=PREDICTORS, default="known",
+                   help="known (default), or lincomb: S learned coefficients per head")
+    t.add_argument("--init", choices=INITS, default=TaskTrainConfig.init,
+                   help="KNOWN's start for task/mixed: l1 = the shipped KNOWN (default), "
+                        "fresh = the authors' initialisation")
+    t.add_argument("--beta", type=float, default=TaskTrainConfig.beta)
+    t.add_argument("--runs-per-batch", type=int, default=TaskTrainConfig.runs_per_batch)
+    t.add_argument("--images", type=int, default=TaskTrainConfig.images,
+                   help="scored images per window")
+    t.add_argument("--unroll", type=int, default=TaskTrainConfig.unroll,
+                   help="predicted steps scored from the inference window")
+    t.add_argument("--data-dir", default=None, help="where the runs' datasets are")
     _add_split(p)
     p.set_defaults(func=run_train)
 
@@ -148,9 +172,13 @@ def _train(args, out: Path) -> int:
     if out.exists() and not args.force and not (args.resume and ckpt.is_file()):
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     store = MetaDataset(args.store, create=False)
+    if args.objective != "l1" or args.predictor != "known":
+        return _train_task(args, store, out, ckpt, report)
     cfg = MetaTrainConfig(S=args.S, norm=args.norm, loss_space=args.loss_space,
-                          heads=tuple(args.heads), batch_size=args.batch_size, lr=args.lr,
-                          epochs=args.epochs, seed=args.seed, val_architectures=tuple(args.val_arch),
+                          heads=tuple(args.heads), batch_size=args.batch_size,
+                          lr=MetaTrainConfig.lr if args.lr is None else args.lr,
+                          epochs=MetaTrainConfig.epochs if args.epochs is None else args.epochs,
+                          seed=args.seed, val_architectures=tuple(args.val_arch),
                           val_datasets=tuple(args.val_dataset), backend=args.backend,
                           sign_flip=args.sign_flip,
                           checkpoint_every=args.checkpoint_every).check()
@@ -182,6 +210,59 @@ def _train(args, out: Path) -> int:
     ckpt.unlink(missing_ok=True)
     print(f"wrote {out} (training took {state.seconds:.0f} s)")
     return 0
+
+
+def _train_task(args, store: MetaDataset, out: Path, ckpt: Path, report: Path) -> int:
+    given = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k) is not None}
+    cfg = TaskTrainConfig(S=args.S, objective=args.objective, predictor=args.predictor,
+                          init=args.init, beta=args.beta, runs_per_batch=args.runs_per_batch,
+                          images=args.images, unroll=args.unroll, norm=args.norm,
+                          seed=args.seed, val_architectures=tuple(args.val_arch),
+                          val_datasets=tuple(args.val_dataset), backend=args.backend,
+                          checkpoint_every=args.checkpoint_every, **given).check()
+    _, val_runs = split_runs(store, cfg.val_architectures, cfg.val_datasets)
+    bar = tqdm(desc=f"meta-train {cfg.predictor} ({cfg.objective})", unit="batch")
+
+    def progress(step, total, loss):
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4g}")
+
+    try:
+        predictor, state = meta_train_task(store, cfg, checkpoint=ckpt, resume=args.resume,
+                                           data_dir=args.data_dir, progress=progress)
+    finally:
+        bar.close()
+    provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
+                  "train_seconds": round(state.seconds, 1)}
+    table = None
+    if val_runs:
+        table = validate(store, {cfg.predictor: predictor}, val_runs, S=cfg.S,
+                         data_dir=args.data_dir, backend=cfg.backend)
+        print(format_task_table(table))
+        provenance["validation"] = table["pooled"]
+    if isinstance(predictor, KNOWN):
+        predictor.provenance = provenance
+        predictor.save(out)
+    else:
+        predictor.save(out, provenance)
+    with atomic_path(report) as tmp:
+        tmp.write_text(json.dumps({"validation": table, "train_seconds": state.seconds,
+                                   "history": state.history}, indent=1))
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {out} (training took {state.seconds:.0f} s)")
+    return 0
+
+
+def format_task_table(table: dict) -> str:
+    """Mean change from Θ^0 over the validation runs, on their extra pools E."""
+    lines = [f"validation runs: {len(table['runs'])}; change from Θ^0 on the extra pool E "
+             f"(accuracy points, cross-entropy)"]
+    for name, steps in table["pooled"].items():
+        for row in steps:
+            lines.append(f"  {name:<10} step {row['step']}: {row['d_acc']:+.2f} points, "
+                         f"{row['d_ce']:+.4f} nats")
+    return "\n".join(lines)
 
 
 def run_eval(args) -> int:

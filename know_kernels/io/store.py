@@ -9,6 +9,11 @@ gathers them.
 * optionally ``subset.d0_indices`` (int64: the dataset indices of D^0) and ``subset.depth``
   (uint8: for each D^0 element, the last stage whose subset holds it, so D^i =
   ``d0_indices[depth >= i]``);
+* optionally ``split.<name>`` (int64): other named sets of training-split indices, e.g.
+  ``split.val`` (held-out images) and ``split.extra`` (the extra pool E a replayed run is
+  scored on, :mod:`know_kernels.research.replay`);
+* optionally ``stage<i>.<entry>``: the state-dict entries no head predicts (BatchNorm
+  statistics, counters) as they were at stage i, so that a run can be rebuilt whole;
 * header metadata key ``know_trajectory``: JSON with the run's metadata and ``params``, the
   name, shape, head and row ``offset`` of every routed parameter, in state-dict order, so
   row ``offset + k`` of head ``h`` is element ``k`` of that parameter flattened in C order.
@@ -44,6 +49,8 @@ META_KEY = "know_trajectory"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ORDERS = ("stage", "time")
 _D0_KEY, _DEPTH_KEY = "subset.d0_indices", "subset.depth"
+_SPLIT_PREFIX = "split."
+_STAGE_KEY = re.compile(r"^stage(\d+)\.(.+)$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -96,6 +103,9 @@ class Trajectory:
     meta: dict[str, Any] = field(default_factory=dict)
     d0_indices: Optional[torch.Tensor] = None
     subset_depth: Optional[torch.Tensor] = None
+    splits: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per stage, the state-dict entries no head predicts (empty: not recorded).
+    unrouted: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.heads:
@@ -109,6 +119,9 @@ class Trajectory:
                              f"{ {h: tuple(t.shape) for h, t in self.heads.items()} }")
         if (self.d0_indices is None) != (self.subset_depth is None):
             raise ValueError("d0_indices and subset_depth go together")
+        if self.unrouted and len(self.unrouted) != self.stages:
+            raise ValueError(f"unrouted entries recorded for {len(self.unrouted)} stages, but "
+                             f"the rows have {self.stages}")
 
     @property
     def stages(self) -> int:
@@ -136,7 +149,11 @@ class Trajectory:
                 columns = [torch.cat([snap[n].detach().reshape(-1).float().cpu() for n in names])
                            for snap in snapshots]
                 heads[head] = torch.stack(columns, 1).to(dtype)
-        return cls(heads=heads, params=params, meta=dict(meta or {}))
+        routed = {p["name"] for p in params}
+        unrouted = [{k: v.detach().cpu().clone() for k, v in snap.items() if k not in routed}
+                    for snap in snapshots]
+        return cls(heads=heads, params=params, meta=dict(meta or {}),
+                   unrouted=unrouted if any(unrouted) else [])
 
     def rows(self, head: str, order: str = "stage") -> torch.Tensor:
         """(N, S) rows of ``head``; ``order="time"`` reverses the columns for KNOWN."""
@@ -153,6 +170,14 @@ class Trajectory:
         return {p["name"]: self.heads[p["head"]][p["offset"]:p["offset"] + math.prod(p["shape"]),
                                                  stage].reshape(p["shape"])
                 for p in self.params}
+
+    def full_state_dict(self, stage: int) -> dict[str, torch.Tensor]:
+        """Θ^stage whole: the routed parameters and the recorded unrouted entries, in the
+        order of the parameter table, then the unrouted ones."""
+        state = self.state_dict(stage)
+        if self.unrouted:
+            state.update(self.unrouted[stage])
+        return state
 
     def subset_indices(self, stage: int) -> torch.Tensor:
         """Dataset indices of D^stage, when the run recorded them."""
@@ -172,6 +197,11 @@ def save_trajectory(traj: Trajectory, path: PathLike, dtype=None) -> None:
     if traj.d0_indices is not None:
         tensors[_D0_KEY] = traj.d0_indices.to(torch.int64)
         tensors[_DEPTH_KEY] = traj.subset_depth.to(torch.uint8)
+    for name, indices in traj.splits.items():
+        tensors[_SPLIT_PREFIX + name] = indices.to(torch.int64)
+    for stage, entries in enumerate(traj.unrouted):
+        for name, t in entries.items():
+            tensors[f"stage{stage}.{name}"] = t
     save_safetensors(tensors, path,
                      metadata=trajectory_metadata(traj.meta, traj.params, traj.stages))
 
@@ -223,9 +253,24 @@ class TrajectoryFile:
     def load(self) -> Trajectory:
         from safetensors.torch import load_file
         tensors = load_file(str(self.path))
+        splits = {k[len(_SPLIT_PREFIX):]: t for k, t in tensors.items()
+                  if k.startswith(_SPLIT_PREFIX)}
+        unrouted: list[dict[str, torch.Tensor]] = []
+        for key, t in tensors.items():
+            match = _STAGE_KEY.match(key)
+            if match:
+                stage = int(match.group(1))
+                if stage >= self.stages:
+                    raise ValueError(f"{self.path}: entry {key!r} names stage {stage} of "
+                                     f"{self.stages}")
+                unrouted.extend({} for _ in range(stage + 1 - len(unrouted)))
+                unrouted[stage][match.group(2)] = t
+        if unrouted:
+            unrouted.extend({} for _ in range(self.stages - len(unrouted)))
         return Trajectory(heads={h: tensors[h] for h in self.heads}, params=self.meta["params"],
                           meta=self.run_meta, d0_indices=tensors.get(_D0_KEY),
-                          subset_depth=tensors.get(_DEPTH_KEY))
+                          subset_depth=tensors.get(_DEPTH_KEY), splits=splits,
+                          unrouted=unrouted)
 
 
 def load_trajectory(path: PathLike) -> Trajectory:

@@ -19,7 +19,7 @@ among the menu's sizes that fit the last subset.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -43,6 +43,11 @@ class Preset:
     train_size: Optional[int] = None            # |D^0| (None: the training split less val)
     val_size: int = 1000                        # held-out source images for convergence
     test_size: Optional[int] = None             # fixed test subset per dataset
+    # |D^0| is capped so that at least extra_ratio·|D^0| training images stay outside D^0
+    # and the validation images: the extra pool E a replayed run is scored on (at most
+    # extra_cap·|D^0| of them are recorded).
+    extra_ratio: float = 0.0
+    extra_cap: float = 4.0
     stages: int = 7
     pretrain_samples: int = 40000               # one cosine cycle of Θ^0 (>= 4 epochs)
     pretrain_lr: float = 2e-3
@@ -63,6 +68,9 @@ class Preset:
         if self.lr_scale not in LR_SCALES:
             raise ValueError(f"lr_scale must be one of {tuple(LR_SCALES)}, got "
                              f"{self.lr_scale!r}")
+        if not 0 <= self.extra_ratio <= self.extra_cap:
+            raise ValueError(f"need 0 <= extra_ratio <= extra_cap, got {self.extra_ratio} "
+                             f"and {self.extra_cap}")
 
 
 PRESETS = {
@@ -71,7 +79,7 @@ PRESETS = {
                     widths={"cnn": 4, "resnet": 4, "densenet": 4, "shufflenet": 4,
                             "mobilenetv2": 4, "mlp": 8, "vit": 8},
                     train_size=400, val_size=200, test_size=200, pretrain_samples=2400,
-                    batch_sizes=(16, 32, 64)),
+                    batch_sizes=(16, 32, 64), extra_ratio=1.0),
     # 70 runs (10 per architecture, 35 per dataset), about 35M rows, in about an hour with
     # --jobs 2 on 2 CPU cores (docs/collection.md).  |D^0| = 2,000 (digits: 1,079) keeps
     # Θ^0 short of what its data could teach: the regime where more data helps.
@@ -80,6 +88,9 @@ PRESETS = {
                               "mobilenetv2": 16, "mlp": 192, "vit": 64},
                       train_size=2000, test_size=2000),
 }
+# The default's runs with an extra pool E of at least |D^0| images for the task objective
+# (know meta-train --objective task): digits' D^0 shrinks to 539 to leave room for it.
+PRESETS["replay"] = replace(PRESETS["default"], extra_ratio=1.0)
 
 
 def recipe_of(preset: Preset, name: str, seed: int) -> dict:
@@ -147,24 +158,27 @@ def split_sizes(preset: Preset, n_train: int) -> tuple[int, int]:
     """|D^0| and the number of held-out validation images for a training split of
     ``n_train``: the validation images (at most a quarter of the split) come first."""
     n_val = min(preset.val_size, n_train // 4)
-    n0 = n_train - n_val if preset.train_size is None else min(preset.train_size,
-                                                               n_train - n_val)
+    room = int((n_train - n_val) / (1 + preset.extra_ratio))
+    n0 = room if preset.train_size is None else min(preset.train_size, room)
     return n0, n_val
 
 
 def draw_settings(preset: Preset, seed: int, k: int, n_train: int) -> dict:
-    """Run k's D^0, validation images (disjoint from D^0), r, learning rate and batch
-    size."""
+    """Run k's D^0, validation images and extra pool E (disjoint), r, learning rate and
+    batch size."""
     rng = np.random.default_rng(derive_seed(seed, 1, k))
     n0, n_val = split_sizes(preset, n_train)
     perm = rng.permutation(n_train)
     d0, val = np.sort(perm[:n0]), np.sort(perm[n_train - n_val:])
+    n_extra = min(n_train - n_val - n0, int(preset.extra_cap * n0))
+    extra = np.sort(perm[n0:n0 + n_extra])
     r_low = feasible_r_low(n0, preset)
     r = float(rng.uniform(r_low, preset.r_range[1]))
     lr = draw_lr(preset, lr_stratum(preset, seed, k), rng)
     last = subset_sizes(n0, r, preset.stages)[-1]
     batch_size = int(rng.choice([b for b in preset.batch_sizes if b <= last]))
-    return {"d0": torch.from_numpy(d0), "val": torch.from_numpy(val), "r": r,
+    return {"d0": torch.from_numpy(d0), "val": torch.from_numpy(val),
+            "extra": torch.from_numpy(extra), "r": r,
             "r_low": r_low, "lr": lr, "batch_size": batch_size,
             "pretrain_epochs": max(4, round(preset.pretrain_samples / n0)),
             "stage_samples": max(batch_size, round(preset.stage_budget * n0))}

@@ -170,6 +170,11 @@ def save_state(state: TrainState, path: PathLike) -> None:
             "optimizer": state.optimizer or {}, "epoch": state.epoch, "batch": state.batch,
             "step": state.step,
             "history": json.dumps(state.history), "seconds": state.seconds}
+    write_checkpoint(blob, path)
+
+
+def write_checkpoint(blob: dict, path: PathLike) -> None:
+    """``torch.save`` ``blob`` to ``path`` atomically."""
     # Serialised in memory first: torch.save's own writer reports a full disk as an
     # "enforce fail" RuntimeError; a plain write raises OSError, named by atomic_path.
     data = io.BytesIO()
