@@ -10,7 +10,7 @@ process's CPU time (both threads), which other work on the cores disturbs less (
 threads spinning while they wait count in it).  FLOP per row: the reference runs the
 spec's 17,664-FLOP forward and a backward of about twice that (3 x 17,664 "nominal"); the
 fused kernel executes 42,656 (forward 14,736 in the folded form, backward 27,920:
-csrc/cpu/l1_kernel.cpp).  The fp32 matmul ceiling is measured in the same run.
+csrc/cpu/vjp_kernel.cpp).  The fp32 matmul ceiling is measured in the same run.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from bench_nowcast_cpu import best_time, machine, matmul_ceiling, trajectories
 from know_kernels import KNOWNHead, l1_loss
 from know_kernels.research.metatrain import MetaTrainConfig
-from know_kernels.kernels.ops import l1_cpu, nowcast_cpu
+from know_kernels.kernels.ops import nowcast_cpu, vjp_cpu
 from provenance import commit
 
 NOMINAL_FLOP = 3 * 2 * 8832              # forward + backward ~ 3 forwards, spec section 7
@@ -64,9 +64,9 @@ def main() -> None:
                         default=[1 << 16, 1 << 20], help="rows per batch, comma separated")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    ok, why = l1_cpu.available(torch.device("cpu"))
+    ok, why = vjp_cpu.available(torch.device("cpu"))
     if not ok:
-        sys.exit(f"the fused CPU L1 kernel is not available: {why}")
+        sys.exit(f"the fused CPU VJP kernel (l1_loss on the cpu backend) is not available: {why}")
     print(f"machine: {machine()}; torch {torch.__version__}; kernel ISA {nowcast_cpu.isa()} "
           f"({nowcast_cpu.tile_rows()} rows per tile); {args.threads} threads")
     print(f"commit: {commit()}; command: python {' '.join(sys.argv)}")

@@ -11,11 +11,11 @@ import torch
 
 from bench_l1 import LOSS_SPACE, batch
 from know_kernels import KNOWNHead, l1_loss
-from know_kernels.kernels.ops import l1_cpu
+from know_kernels.kernels.ops import vjp_cpu
 
 pytest.importorskip("pytest_benchmark")
 
-FUSED, WHY = l1_cpu.available(torch.device("cpu"))
+FUSED, WHY = vjp_cpu.available(torch.device("cpu"))
 THREADS = 2
 
 

@@ -81,24 +81,26 @@ PYBIND11_MODULE(_C, m) {
       "(n, S) array at address rows, into out ((n, steps) if all_steps else (n,)).  "
       "Addresses are raw pointers; see know_kernels/kernels/ops/nowcast_cpu.py.");
   m.def(
-      "l1_loss",
-      [](uintptr_t rows, int rows_dtype, uintptr_t target, uintptr_t packed, uintptr_t grad,
-         int64_t n, int S, bool wnn, bool normalised, int threads, const std::string& isa) {
-        know::L1Args a;
+      "vjp",
+      [](uintptr_t rows, int rows_dtype, uintptr_t packed, uintptr_t upstream,
+         uintptr_t grad_packed, uintptr_t grad_rows, int64_t n, int S, bool wnn, int threads,
+         const std::string& isa) {
+        know::VjpArgs a;
         set_rows_and_head(a, rows, rows_dtype, packed, n, S, wnn);
-        a.target = reinterpret_cast<const float*>(target);
-        a.grad = reinterpret_cast<float*>(grad);
-        a.normalised = normalised;
+        a.upstream = reinterpret_cast<const float*>(upstream);
+        a.grad_packed = reinterpret_cast<float*>(grad_packed);
+        a.grad_rows = reinterpret_cast<float*>(grad_rows);
         a.threads = threads;
-        return know::l1(a, isa);
+        know::vjp(a, isa);
       },
-      py::arg("rows"), py::arg("rows_dtype"), py::arg("target"), py::arg("packed"),
-      py::arg("grad"), py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("normalised"),
+      py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("upstream"),
+      py::arg("grad_packed"), py::arg("grad_rows"), py::arg("n"), py::arg("S"), py::arg("wnn"),
       py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
-      "Fused L1 training step over a contiguous (n, S) array at address rows against n "
-      "float32 targets: writes d(sum |e|)/d(packed) to grad (packing.packed_size(S) floats) "
-      "and returns sum |e|.  Addresses are raw pointers; see "
-      "know_kernels/kernels/ops/l1_cpu.py.");
+      "Fused VJP of one prediction step of a contiguous (n, S) array at address rows with n "
+      "float32 upstream gradients: writes sum_i upstream_i d pred_i / d packed to grad_packed "
+      "(packing.packed_size(S) floats) and, unless grad_rows is 0, upstream_i d pred_i / d "
+      "rows_i to the (n, S) float32 array at grad_rows.  Addresses are raw pointers; see "
+      "know_kernels/kernels/ops/vjp_cpu.py.");
   m.def("nowcast_tile_rows", &know::nowcast_tile_rows, py::arg("isa"),
         "Rows per tile of the fused kernel for one instruction set.");
   m.def("compiled_isas", &know::compiled_isas,

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
-#include "cpu/l1_kernel.h"
+#include "cpu/vjp_kernel.h"
 
 namespace know {
 namespace {
@@ -29,14 +29,14 @@ struct IsaKernel {
   void (*vec_exp)(const float*, float*, int64_t);
   void (*vec_exp2)(const float*, float*, int64_t);
   void (*vec_tanh)(const float*, float*, int64_t);
-  int64_t (*l1_workspace_floats)(int, int);
-  double (*l1)(const L1Args&, float*);
+  int64_t (*vjp_workspace_floats)(int, int);
+  void (*vjp)(const VjpArgs&, float*);
 };
 
 #define KNOW_ISA_KERNEL(ns, runnable)                                                      \
   IsaKernel {                                                                              \
     #ns, runnable, &ns::tile_rows, &ns::workspace_floats, &ns::nowcast, &ns::vec_exp,      \
-        &ns::vec_exp2, &ns::vec_tanh, &ns::l1_workspace_floats, &ns::l1                    \
+        &ns::vec_exp2, &ns::vec_tanh, &ns::vjp_workspace_floats, &ns::vjp                  \
   }
 
 // Best first.  The features each copy needs match the flags CMakeLists.txt compiles it with.
@@ -109,7 +109,7 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-// What nowcast() and l1() both index by; widest is the most values per row either indexes.
+// What nowcast() and vjp() both index by; widest is the most values per row either indexes.
 void guard_common(int64_t n_rows, int S, int threads, const float* packed, int64_t widest) {
   guard(n_rows >= 0 && n_rows <= std::numeric_limits<int64_t>::max() / widest,
         "n out of range");
@@ -190,17 +190,17 @@ void nowcast(const NowcastArgs& args, const std::string& isa) {
     run_nowcast(args, kernel_for(isa));
 }
 
-double l1(const L1Args& args, const std::string& isa) {
+void vjp(const VjpArgs& args, const std::string& isa) {
   const IsaKernel& kernel = kernel_for(isa);
   guard_common(args.n_rows, args.S, args.threads, args.packed, args.S);
-  guard(args.grad != nullptr, "grad is a null pointer");
-  guard(args.n_rows == 0 || (args.rows != nullptr && args.target != nullptr),
-        "rows or target is a null pointer");
-  L1Args a = args;
-  const int64_t block_rows = int64_t(kernel.tile_rows()) * kL1BlockTiles;
+  guard(args.grad_packed != nullptr, "grad_packed is a null pointer");
+  guard(args.n_rows == 0 || (args.rows != nullptr && args.upstream != nullptr),
+        "rows or upstream is a null pointer");
+  VjpArgs a = args;
+  const int64_t block_rows = int64_t(kernel.tile_rows()) * kVjpBlockTiles;
   const int64_t blocks = (a.n_rows + block_rows - 1) / block_rows;
   if (a.threads > blocks) a.threads = blocks > 0 ? int(blocks) : 1;
-  return kernel.l1(a, workspace(kernel.l1_workspace_floats(a.S, a.threads)).get());
+  kernel.vjp(a, workspace(kernel.vjp_workspace_floats(a.S, a.threads)).get());
 }
 
 void vec_math(const std::string& fn, const float* x, float* y, int64_t n,

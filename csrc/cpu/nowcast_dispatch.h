@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/l1_kernel.h"
 #include "cpu/nowcast_kernel.h"
+#include "cpu/vjp_kernel.h"
 
 namespace know {
 
@@ -31,9 +31,9 @@ int nowcast_tile_rows(const std::string& isa);
 // then computes.
 void nowcast(const NowcastArgs& args, const std::string& isa);
 
-// The fused L1 training step: guarded like nowcast(), writes args.grad (every element) and
-// returns sum |e|.  n_rows = 0 gives 0 and a zero gradient.
-double l1(const L1Args& args, const std::string& isa);
+// The fused VJP of one step: guarded like nowcast(), writes args.grad_packed and, unless it
+// is null, args.grad_rows (every element of each).  n_rows = 0 gives a zero gradient.
+void vjp(const VjpArgs& args, const std::string& isa);
 
 // exp, exp2 or tanh of n floats with the kernel's own vector math (for accuracy checks).
 void vec_math(const std::string& fn, const float* x, float* y, int64_t n,

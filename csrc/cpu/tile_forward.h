@@ -1,6 +1,6 @@
 // KNOWN's forward pass over one tile of rows, shared by the inference kernel
-// (nowcast_kernel.cpp) and the training kernel (l1_kernel.cpp).  Sharing it is what makes
-// a training step's prediction bit-identical to nowcast's on the same instruction set.
+// (nowcast_kernel.cpp) and its vector-Jacobian product (vjp_kernel.cpp).  Sharing it is what
+// makes the step a VJP differentiates bit-identical to nowcast's on the same instruction set.
 // Per-ISA, like simd.h: only sources compiled with -DKNOW_ISA include it.
 //
 // Rows sit in SIMD lanes.  A tile holds R = TV * VW rows, and each value of the network for

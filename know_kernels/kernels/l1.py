@@ -6,23 +6,15 @@ difference divided by the row's normalisation scale (``"normalised"``; the scale
 ``raw``).  ``.backward()`` fills the head's parameter gradients.
 
 One entry point, several backends, dispatched like ``nowcast`` (``backends.py``).
-``reference`` is plain torch autograd on ``reference.py``.  The fused backends (``cpu``,
-``triton``, ``cuda``, ``ops/l1_<name>.py``) run forward, loss and backward in one pass over
-the rows and return the gradient with respect to the packed head (``packing.pack``);
-``pack`` is differentiable, so autograd carries it on to the head's own parameters.  They are wrapped in the custom op
-``know_kernels::l1_fused``, so optimisers, gradient clipping, DDP and torch.compile see an
-ordinary differentiable function.
-
-Backend contract (``run``; ``backends.py`` lists what else a backend module provides):
-
-    run(rows, target, packed, *, S, norm, loss_space, grad) -> torch.Tensor
-
-``rows``: contiguous (N, S) float32, bfloat16 or float16, oldest value first; ``target``:
-contiguous (N,) float32; ``packed``: the float32 vector of ``packing.pack``; ``grad``:
-float32, ``packing.packed_size(S)`` elements, which the kernel OVERWRITES with
-d(sum_i |e_i|)/d(packed); all on one device.  ``l1_loss`` validates every argument (``norm``
-and ``loss_space`` among them) and the backends trust it.  ``run`` returns sum_i |e_i|
-(the sum, not the mean) as a 0-d float32 tensor.  N = 0 gives 0 and a zero gradient.
+``reference`` is plain torch autograd on ``reference.py``.  On a fused backend the loss is
+the VJP of one nowcast step with a sign upstream: the prediction is the custom op
+``know_kernels::nowcast_step`` (``step.py``: the backend's fused nowcast kernel), e and |e|
+are computed in torch, and autograd hands the step's backward, the backend's fused VJP
+(``ops/vjp_<name>.py``, looked up by name), the upstream sign(e_i) / N (sign(e_i) / (scale_i
+N) for ``"normalised"``).  The VJP returns the gradient with respect to the packed head
+(``packing.pack``); ``pack`` is differentiable, so autograd carries it on to the head's own
+parameters.  Optimisers, gradient clipping, DDP and torch.compile see an ordinary
+differentiable function.
 
 Sub-gradients are torch autograd's, so every backend agrees with ``reference``:
 d|e|/de = sign(e) with sign(0) = 0 (and sign(NaN) = 0, as torch's ``sgn``);
@@ -39,12 +31,13 @@ from typing import Optional
 import torch
 
 from . import backends
-from .backends import check_kernel_dtype, check_rows, fused_module
-from .packing import pack, packed_size
+from .backends import check_kernel_dtype, check_rows
+from .packing import pack
 from .reference import check_norm, normalise, residual_ref
+from .step import nowcast_step
 
 LOSS_SPACES = ("original", "normalised")
-OP = "l1"
+OP = "vjp"  # a fused backend's l1_loss is its nowcast step's VJP
 
 
 def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
@@ -89,34 +82,6 @@ def _reference_mean(rows: torch.Tensor, target: torch.Tensor, head, norm: str,
     return e.abs().sum() / max(rows.shape[0], 1)
 
 
-@torch.library.custom_op("know_kernels::l1_fused", mutates_args=())
-def _l1_fused(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, S: int, norm: str,
-              loss_space: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum |e|, d(sum |e|)/d(packed)) from backend ``backend``'s fused kernel."""
-    # The backend module is looked up here, not in l1_loss: importing is opaque to Dynamo.
-    module = fused_module(backend, OP, S)
-    grad = torch.empty(packed_size(S), dtype=torch.float32, device=packed.device)
-    total = module.run(rows, target, packed, S=S, norm=norm, loss_space=loss_space, grad=grad)
-    return total, grad
-
-
-@_l1_fused.register_fake
-def _(rows, target, packed, S, norm, loss_space, backend):
-    return packed.new_empty(()), packed.new_empty(packed_size(S))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, d_total, _d_grad):
-    (grad,) = ctx.saved_tensors
-    return None, None, d_total * grad, None, None, None, None
-
-
-_l1_fused.register_autograd(_backward, setup_context=_setup_context)
-
-
 def _check_inputs(rows, target, head) -> None:
     check_rows(rows, head)
     if not isinstance(target, torch.Tensor):
@@ -150,6 +115,7 @@ def l1_loss(rows: torch.Tensor, target: torch.Tensor, head, *, backend: str = "a
         raise ValueError(f"backend {name!r} differentiates with respect to the head only, but "
                          f"rows or target require grad; use backend='reference'")
     packed = pack(head.params_dict(), head.S).to(rows.device)
-    total, _ = _l1_fused(rows.contiguous(), target.to(torch.float32).contiguous(), packed,
-                         head.S, norm, loss_space, name)
-    return total / max(rows.shape[0], 1)
+    e = nowcast_step(rows.contiguous(), packed, head.S, norm, name) - target.to(torch.float32)
+    if loss_space == "normalised":
+        e = e / normalise(rows.to(torch.float32), norm)[1]
+    return e.abs().sum() / max(rows.shape[0], 1)

@@ -25,6 +25,24 @@ backend compute in float32 (float64 for float64 rows), and the CUDA backend's pr
 no lower than TF32.  The one exception: the CPU backend refuses "bf16" on a processor
 without bfloat16 products (RuntimeError naming what is missing) rather than silently
 run the slower float32 products.
+
+Under autograd (grad mode on, and ``rows`` or a parameter of the head requiring grad)
+``nowcast`` returns a differentiable tensor: gradients reach the head's parameters (through
+``packing.pack``) and the rows.  The fused backends then unroll the steps in Python, each
+one call of the custom op ``know_kernels::nowcast_step`` (``step.py``: forward the fused
+kernel with ``steps=1``, backward the backend's fused VJP, ``ops/vjp_<name>.py``), sliding
+the window by dropping its oldest value and appending the float32 prediction, as the
+multi-step kernel does, so the values are the same; ``auto`` picks a backend that has a
+VJP, else ``reference``, which is plain autograd on ``reference.nowcast_ref``.  The row
+gradient is computed in float32 and handed to autograd in the rows' dtype.
+
+``out=``, ``threads=`` and a ``precision`` other than "float32" are inference-only: a call
+with any of them runs the fast multi-step kernel under ``torch.no_grad()``, as without
+grad, and its result does not require grad (``backward`` through it says so).  A head's
+parameters require grad by default, so this keeps every inference call that passes them
+as fast as before.  Rows that require grad state the wish for a gradient, so with them
+these arguments are refused (ValueError naming the argument).  Without grad (no_grad, or
+nothing requiring grad) the fast path runs, unchanged.
 """
 from __future__ import annotations
 
@@ -37,6 +55,7 @@ from .backends import (BACKENDS, REFERENCE_DTYPES, backend_module, backend_statu
 from .ops import KERNEL_DTYPES
 from .packing import pack
 from .reference import check_norm, nowcast_ref
+from .step import nowcast_step
 
 __all__ = ["BACKENDS", "KERNEL_DTYPES", "PRECISIONS", "PRECISION_ARGS", "REFERENCE_DTYPES",
            "backend_status", "check_precision", "check_precision_here", "nowcast",
@@ -74,7 +93,6 @@ def check_precision_here(precision: str, backend: str, device: torch.device) -> 
         backend_module("cpu", "nowcast").kernel_name("bf16")
 
 
-@torch.no_grad()
 def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = None,
             backend: str = "auto", all_steps: bool = False,
             out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
@@ -100,8 +118,45 @@ def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = N
             raise ValueError(f"out must be {shape} {out_dtype} on {rows.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
 
-    name = resolve_backend(backend, rows.device, rows.dtype)
     params = head.params_dict()
+    inference_only = {"out": out is not None, "threads": threads is not None,
+                      "precision": precision != "float32"}
+    if torch.is_grad_enabled() and rows.requires_grad and any(inference_only.values()):
+        arg = next(k for k, given in inference_only.items() if given)
+        raise ValueError(f"rows require grad, but {arg}= makes nowcast inference-only (no "
+                         f"gradient); drop {arg}=, or detach the rows")
+    if (torch.is_grad_enabled() and not any(inference_only.values())
+            and (rows.requires_grad or any(p.requires_grad for p in params.values()))):
+        return _differentiable(rows, head.S, params, norm, backend, steps, all_steps, out_dtype)
+    with torch.no_grad():
+        return _fast(rows, head.S, params, norm, backend, steps, all_steps, out_dtype, out,
+                     threads, precision, shape)
+
+
+def _check_out_dtype(name: str, rows: torch.Tensor, out_dtype: torch.dtype) -> None:
+    check_kernel_dtype(name, rows.dtype)
+    if out_dtype not in (torch.float32, rows.dtype):
+        raise TypeError(f"backend {name!r} writes float32 or the input dtype ({rows.dtype}), "
+                        f"not {out_dtype}")
+
+
+def _differentiable(rows, S, params, norm, backend, steps, all_steps, out_dtype):
+    name = resolve_backend(backend, rows.device, rows.dtype, op="vjp")
+    if name == "reference":
+        return nowcast_ref(rows, params, norm, steps=steps, all_steps=all_steps).to(out_dtype)
+    _check_out_dtype(name, rows, out_dtype)
+    packed = pack(params, S).to(rows.device)
+    window, preds = rows.contiguous(), []
+    for k in range(steps):
+        preds.append(nowcast_step(window, packed, S, norm, name))
+        if k + 1 < steps:
+            window = torch.cat([window[:, 1:].to(torch.float32), preds[-1][:, None]], dim=1)
+    return (torch.stack(preds, dim=1) if all_steps else preds[-1]).to(out_dtype)
+
+
+def _fast(rows, S, params, norm, backend, steps, all_steps, out_dtype, out, threads, precision,
+          shape):
+    name = resolve_backend(backend, rows.device, rows.dtype)
     if name == "reference":
         result = nowcast_ref(rows, params, norm, steps=steps, all_steps=all_steps)
         if out is None:
@@ -109,16 +164,13 @@ def nowcast(rows: torch.Tensor, head, *, steps: int = 1, norm: Optional[str] = N
         out.copy_(result)
         return out
 
-    check_kernel_dtype(name, rows.dtype)
-    if out_dtype not in (torch.float32, rows.dtype):
-        raise TypeError(f"backend {name!r} writes float32 or the input dtype ({rows.dtype}), "
-                        f"not {out_dtype}")
-    module = fused_module(name, "nowcast", head.S)
-    packed = pack({k: v.detach() for k, v in params.items()}, head.S).to(rows.device)
+    _check_out_dtype(name, rows, out_dtype)
+    module = fused_module(name, "nowcast", S)
+    packed = pack({k: v.detach() for k, v in params.items()}, S).to(rows.device)
     target = out if out is not None and out.is_contiguous() else torch.empty(
         shape, dtype=out_dtype, device=rows.device)
     if rows.shape[0]:
-        module.run(rows.contiguous(), packed, S=head.S, norm=norm, steps=steps, out=target,
+        module.run(rows.contiguous(), packed, S=S, norm=norm, steps=steps, out=target,
                    threads=threads, **PRECISION_ARGS[name][precision])
     if out is not None and target is not out:
         out.copy_(target)

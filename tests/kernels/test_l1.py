@@ -17,7 +17,7 @@ from support.stores import synthetic_store
 
 CPU = torch.device("cpu")
 FUSED_CPU = backend_status("cpu", CPU)[0]
-needs_cpu = pytest.mark.skipif(not FUSED_CPU, reason="fused CPU L1 kernel absent")
+needs_cpu = pytest.mark.skipif(not FUSED_CPU, reason="fused CPU VJP kernel absent")
 SPACES = ("original", "normalised")
 
 
@@ -138,10 +138,10 @@ def test_clear_errors():
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration, as torch checks them."""
     head = KNOWNHead(S=5, norm="wnn", seed=16)
-    rows, target = case(40, 5, 17, head, "wnn")
+    rows, _ = case(40, 5, 17, head, "wnn")
     packed = packed_of(head).requires_grad_()
-    torch.library.opcheck(torch.ops.know_kernels.l1_fused.default,
-                          (rows, target, packed, 5, "wnn", "original", "cpu"),
+    torch.library.opcheck(torch.ops.know_kernels.nowcast_step.default,
+                          (rows, packed, 5, "wnn", "cpu"),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 

@@ -1,38 +1,33 @@
-"""The fused CPU L1 training kernel (ops/l1_cpu.py) against float64 autograd on the
-reference, on every instruction set this machine can run (the ``isa`` fixture,
-kernels/conftest.py)."""
+"""l1_loss on the cpu backend (the fused nowcast step, and its VJP kernel with a sign
+upstream: ops/vjp_cpu.py) against float64 autograd on the reference, on every instruction
+set this machine can run (the ``isa`` fixture, kernels/conftest.py).  The VJP kernel's own
+tests: test_vjp_cpu.py."""
 import math
 
 import pytest
 import torch
 
-from know_kernels import KNOWNHead, nowcast
-from know_kernels._ext import _C
-from know_kernels.kernels.ops import l1_cpu, nowcast_cpu
-from know_kernels.kernels.packing import pack, packed_size
+from know_kernels import KNOWNHead, l1_loss, nowcast
+from know_kernels.kernels.ops import nowcast_cpu, vjp_cpu
 
-from support.heads import packed_of
 from support.l1_cases import assert_matches, case, clear_targets, reference
 from support.rows import windows
 
-AVAILABLE, WHY = l1_cpu.available(torch.device("cpu"))
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"fused L1 kernel absent: {WHY}")
+AVAILABLE, WHY = vjp_cpu.available(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"fused VJP kernel absent: {WHY}")
 SPACES = ("original", "normalised")
 
 
 def kernel(rows, target, head, norm, loss_space):
-    """The backend contract directly: grad poisoned with NaN before the call, then carried
-    to the head's parameters through pack's autograd.  Returns the sum and the gradients
-    of the sum, as a mean-taking l1_loss would after multiplying by N."""
-    params = {k: v.detach().clone().requires_grad_() for k, v in head.params_dict().items()}
-    packed = pack(params, head.S)
-    grad = torch.full((packed_size(head.S),), math.nan)
-    total = l1_cpu.run(rows, target, packed.detach(), S=head.S, norm=norm,
-                       loss_space=loss_space, grad=grad)
-    assert total.dtype == torch.float32 and total.dim() == 0
-    assert not torch.isnan(grad).any(), "the kernel left gradient entries unwritten"
-    packed.backward(grad)
-    return total, {k: p.grad for k, p in params.items()}, grad
+    """l1_loss as a sum: the loss and the head's gradients times N, and all the gradients
+    as one flat tensor."""
+    head.zero_grad(set_to_none=True)
+    loss = l1_loss(rows, target, head, backend="cpu", norm=norm, loss_space=loss_space)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss.backward()
+    n = max(rows.shape[0], 1)
+    grads = {k: p.grad * n for k, p in head.params_dict().items()}
+    return loss.detach() * n, grads, torch.cat([g.flatten() for g in grads.values()])
 
 
 def reference_sum(rows, target, head, norm, loss_space):
@@ -56,7 +51,7 @@ def test_matches_float64_autograd(isa, norm, loss_space):
 def test_row_counts_around_tiles_and_blocks(isa):
     """Each size with another of the four norm / loss space pairs."""
     tile = nowcast_cpu.tile_rows()
-    block = tile * 32  # csrc/cpu/l1_kernel.h: kL1BlockTiles
+    block = tile * 32  # csrc/cpu/vjp_kernel.h: kVjpBlockTiles
     pairs = [(norm, space) for norm in ("wnn", "raw") for space in SPACES]
     for i, n in enumerate((0, 1, tile - 1, tile, tile + 1, block - 1, block + 1, 10007)):
         norm, space = pairs[i % len(pairs)]
@@ -98,7 +93,8 @@ def test_exactly_zero_residuals_have_zero_gradient(isa, norm, loss_space):
     as +-1 would add the zero rows' gradients."""
     head = KNOWNHead(S=5, norm=norm, seed=7)
     rows, target = case(611, 5, 8, head, norm)
-    own = nowcast(rows, head, backend="cpu", out_dtype=torch.float32)
+    with torch.no_grad():
+        own = nowcast(rows, head, backend="cpu", out_dtype=torch.float32)
     total, _, grad = kernel(rows, own, head, norm, loss_space)
     assert float(total) == 0.0 and not grad.any()
 
@@ -136,37 +132,3 @@ def test_threads_give_identical_results(isa):
         torch.set_num_threads(before)
     for total, grad in results[1:]:
         assert torch.equal(total, results[0][0]) and torch.equal(grad, results[0][1])
-
-
-def test_bad_arguments():
-    """What users pass is validated by l1_loss (test_l1.py); below it, the backend asserts
-    the layout it indexes by and the extension refuses a call that would go out of bounds."""
-    head = KNOWNHead(S=5, seed=13)
-    rows, target = windows(8, 5, 14)
-    packed = packed_of(head)
-    grad = torch.empty(packed_size(5))
-    which = nowcast_cpu.isa()
-
-    def call(**kw):
-        args = dict(rows=rows.data_ptr(), rows_dtype=_C.DTYPE_CODES["float32"],
-                    target=target.data_ptr(), packed=packed.data_ptr(), grad=grad.data_ptr(),
-                    n=8, S=5, wnn=True, normalised=False, threads=1, isa=which)
-        args.update(kw)
-        return _C.l1_loss(**args)
-
-    assert math.isfinite(call())
-    for kw, match in [({"S": 1}, "S < 2"), ({"threads": 0}, "threads < 1"),
-                      ({"n": -1}, "n out of range"),
-                      ({"rows_dtype": 7}, "unknown dtype code 7"),
-                      ({"rows": 0}, "rows or target is a null pointer"),
-                      ({"target": 0}, "rows or target is a null pointer"),
-                      ({"packed": 0}, "packed is a null pointer"),
-                      ({"grad": 0}, "grad is a null pointer"), ({"isa": "mmx"}, "isa 'mmx'")]:
-        with pytest.raises(ValueError, match=match):
-            call(**kw)
-    with pytest.raises(AssertionError, match="target"):
-        l1_cpu.run(rows, target.double(), packed, S=5, norm="wnn", loss_space="original",
-                   grad=grad)
-    with pytest.raises(AssertionError, match="grad"):
-        l1_cpu.run(rows, target, packed, S=5, norm="wnn", loss_space="original",
-                   grad=grad[1:])

@@ -1,39 +1,42 @@
-// The fused L1 training step of KNOWN.  Compiled once per instruction set, like
-// nowcast_kernel.cpp, with whose forward (tile_forward.h) it shares every instruction.
+// The fused vector-Jacobian product of one KNOWN prediction step.  Compiled once per
+// instruction set, like nowcast_kernel.cpp, with whose forward (tile_forward.h) it shares
+// every instruction, so the step it differentiates is bit-identical to nowcast's.
 //
 // Per tile of R rows (lanes), with every line in the thread's scratch tile:
 //   forward   both streams, keeping h, c, e, v and [p; z] of each (cheaper to keep, in L1
 //             and L2, than to recompute: the 128 exponentials cost about a fifth of the
 //             forward);
-//   loss      e = pred - target (or / scale), |e| summed, dO = sign(e) de/dO (1 - y^2);
+//   seed      pred = (x_{S-1} + y) s + m0 with y = tanh(O) (s = 1, m0 = 0 for raw), so
+//             dO = u s (1 - y^2) for the row's upstream u = dL/dpred;
 //   backward  per stream, from the head down:
 //               dv = dO wo leaky'(v)                          32 lines
 //               [dp; dz] = [w2; a2] dv                        72 lines, as a product
 //               db = dp e,  dc = dp p h,  dh = dp p c ln 2     (c is c' = c log2 e)
 //               dz += [wb wc] [db; dc],  dzpre = dz relu'(z)
 //             and the weight gradients  d[w2; a2] = [p; z] dv^T,  d[wb; wc] = z [db; dc]^T,
-//             d[w1 | g] = inp [dh | dzpre]^T, with the biases as the douts' row sums.
+//             d[w1 | g] = inp [dh | dzpre]^T (wgrad.h), with the biases as the douts'
+//             row sums;
+//   rows      (only when asked) d inp = [w1 | g] [dh; dzpre], as a product: the folded g
+//             = w1 wd is the only path from inp to z, and h's only use is the exponential.
+//             The d stream's input gradient goes to x through d_k = x_{k+1} - x_k, and
+//             x = (w - m0) / s back to w (row_grads below).
 //
-// A weight gradient sums over rows, which are the lanes.  Rather than keep a vector of
-// lane-partial sums for every weight (about 120 KB per stream with AVX2, far beyond L1,
-// and each loaded and stored for every TV FMAs), the inputs of each product are
-// transposed once per tile (rows x features, features in lanes) and the gradient block
-// G[j][k-vector] stays in registers while the loop runs over the tile's R rows, each step
-// one vector load of the input and one broadcast of dout[j][r]: every accumulator is
-// loaded and stored once per tile.  Biases and wo, one dout line each, keep lane-partial
-// sums instead.
+// FLOP per row (S = 5): forward 14,736 (the folded form), backward to the head 27,920,
+// and the row gradient 2 x 72 x (2S - 1) = 1,296 more plus about 20 S of elementwise work.
 //
-// Threads take blocks of kL1BlockTiles tiles; a block's gradient is summed in float32 in the
-// thread's own buffer, then added in block order (omp ordered) to one float64 total.
+// Threads take blocks of kVjpBlockTiles tiles; a block's gradient is summed in float32 in
+// the thread's own buffer, then added in block order (omp ordered) to one float64 total.
+// Row gradients are per row, written by whichever thread has the row's tile.
 //
-// Sub-gradients follow torch autograd: sign(0) = sign(NaN) = 0, relu'(z) = 0 where z <= 0,
-// leaky_relu'(v) = slope where v <= 0 (v > 0 ? 1 : slope).
+// Sub-gradients follow torch autograd: relu'(z) = 0 where z <= 0, leaky_relu'(v) = slope
+// where v <= 0, and amax / amin share their gradient evenly among tied extremes.
 #include <omp.h>
 
 #include <cstring>
 
-#include "cpu/l1_kernel.h"
 #include "cpu/tile_forward.h"
+#include "cpu/vjp_kernel.h"
+#include "cpu/wgrad.h"
 
 namespace know {
 namespace KNOW_ISA {
@@ -48,16 +51,23 @@ constexpr int kBC = 2 * kHidden;            // [db; dc]
 constexpr int kLdPZ = (kPZ + VW - 1) / VW * VW;
 constexpr int kLdZ = (kBottleneck + VW - 1) / VW * VW;
 inline int ld_in(int S) { return int(round_up(S, VW)); }
+// The input gradient's product has a column per input, padded to whole column blocks.
+inline int in_cols(int n) { return int(round_up(n, JB)); }
 static_assert(kHidden % VW == 0, "z's columns of [p; z]^T must start on a vector");
 
 struct StreamBackPanels {
   const float* down;  // K = 32 (dv), 72 columns: [dp; dz] = [w2; a2] dv
   const float* dz;    // K = 128 ([db; dc]), 8 columns: [wb wc] [db; dc]
+  const float* in;    // K = 72 ([dh; dzpre]), in_cols(n) columns: [w1 | g] [dh; dzpre]
   const float* wo;
 };
 
-int64_t back_panel_floats() {
-  return round_up(2 * (panel_floats(kOutHidden, kPZ) + panel_floats(kBC, kBottleneck)), 16);
+int64_t back_panel_floats(int S) {
+  int64_t total = 0;
+  for (int n = S; n >= S - 1; --n)
+    total += panel_floats(kOutHidden, kPZ) + panel_floats(kBC, kBottleneck) +
+             panel_floats(kPZ, in_cols(n));
+  return round_up(total, 16);
 }
 
 void build_back(const float* packed, const PackedHead& layout, float* dst,
@@ -65,7 +75,8 @@ void build_back(const float* packed, const PackedHead& layout, float* dst,
   const auto zero = [](int) { return 0.0f; };
   for (int s = 0; s < 2; ++s) {
     const PackedStream& ps = layout.stream[s];
-    const float *w2 = packed + ps.w2, *wb = packed + ps.wb, *wc = packed + ps.wc;
+    const float *w1 = packed + ps.w1, *g = packed + ps.g, *w2 = packed + ps.w2,
+                *wb = packed + ps.wb, *wc = packed + ps.wc;
     back[s].down = dst;
     dst = build_panels(dst, kOutHidden, kPZ, zero,
                        [&](int c, int j) { return w2[c * kOutHidden + j]; });
@@ -73,21 +84,28 @@ void build_back(const float* packed, const PackedHead& layout, float* dst,
     dst = build_panels(dst, kBC, kBottleneck, zero, [&](int m, int k) {
       return k < kHidden ? wb[m * kHidden + k] : wc[m * kHidden + k - kHidden];
     });
+    back[s].in = dst;
+    dst = build_panels(dst, kPZ, in_cols(ps.n), zero, [&](int c, int k) {
+      if (c >= ps.n) return 0.0f;
+      return k < kHidden ? w1[c * kHidden + k] : g[c * kBottleneck + k - kHidden];
+    });
     back[s].wo = packed + layout.wo + s * kOutHidden;
   }
 }
 
 // The thread's scratch tile: lines of R floats, then the transposed inputs.
 struct Tile {
-  float *win, *xs, *ds, *scale, *shift, *o, *target, *live, *dO;
+  float *win, *xs, *ds, *scale, *shift, *o, *up, *dO, *dsd;
   float* pz[2];     // [p; z] of each stream (72 lines)
   float* saved[2];  // kSavedLines each
   float *dv, *dbc, *dhz, *dza;
+  float* dinp[2];    // the streams' input gradients: S lines (x), S - 1 (d)
   float *pzT, *inT;  // R x kLdPZ, R x ld_in(S)
 };
 
 int64_t tile_lines(int S) {
-  return 3 * S - 1 + 6 + 2 * (kPZ + kSavedLines) + kOutHidden + kBC + kPZ + kBottleneck;
+  return 3 * S - 1 + 6 + 2 * (kPZ + kSavedLines) + kOutHidden + kBC + kPZ + kBottleneck +
+         2 * S - 1;
 }
 
 int64_t tile_floats(int S) {
@@ -107,9 +125,9 @@ Tile tile_at(float* p, int S) {
   t.scale = take(1);
   t.shift = take(1);
   t.o = take(1);
-  t.target = take(1);
-  t.live = take(1);
+  t.up = take(1);
   t.dO = take(1);
+  t.dsd = take(1);
   for (int s = 0; s < 2; ++s) {
     t.pz[s] = take(kPZ);
     t.saved[s] = take(kSavedLines);
@@ -118,6 +136,8 @@ Tile tile_at(float* p, int S) {
   t.dbc = take(kBC);
   t.dhz = take(kPZ);
   t.dza = take(kBottleneck);
+  t.dinp[0] = take(S);
+  t.dinp[1] = take(S - 1);
   t.pzT = p;
   t.inT = p + R * kLdPZ;
   return t;
@@ -136,14 +156,13 @@ struct StreamGrads {
 
 struct Grads {
   StreamGrads stream[2];
-  float* bo;    // VW lane partials
-  float* loss;  // VW lane partials of sum |e|
+  float* bo;  // VW lane partials
 };
 
 int64_t grads_floats(int S) {
   const int64_t per_stream = kOutHidden * kLdPZ + kBC * kLdZ + kPZ * ld_in(S) +
                              (kOutHidden + kBC + kPZ + kOutHidden) * VW;
-  return round_up(2 * per_stream + 2 * VW, 16);
+  return round_up(2 * per_stream + VW, 16);
 }
 
 Grads grads_at(float* p, int S) {
@@ -163,110 +182,30 @@ Grads grads_at(float* p, int S) {
     s.wo = take(kOutHidden * VW);
   }
   g.bo = take(VW);
-  g.loss = take(VW);
   return g;
-}
-
-// K lines -> R x ld (row r: the K values of row r of the tile).
-void transpose(const float* lines, int K, float* T, int ld) {
-  for (int k = 0; k < K; ++k)
-    for (int r = 0; r < R; ++r) T[r * ld + k] = lines[k * R + r];
-}
-
-// Columns of dout per register block: KV * JW accumulators, KV inputs and one broadcast
-// fit in 16 registers (AVX2, SSE2/NEON) or 32 (AVX-512).
-template <int KV>
-constexpr int wgrad_cols() {
-  return VW == 16 || KV == 1 ? 8 : 4;
-}
-
-// G[j][k] += sum over the tile's rows r of dout[j][r] * inT[r][k], for JW lines of dout
-// and KV vectors of k.
-template <int KV, int JW>
-inline void wgrad_block(const float* dout, const float* inT, int ld_in, float* G, int ld_g) {
-  V acc[JW][KV];
-#pragma GCC unroll 8
-  for (int j = 0; j < JW; ++j) {
-#pragma GCC unroll 3
-    for (int kv = 0; kv < KV; ++kv) acc[j][kv] = load(G + j * ld_g + kv * VW);
-  }
-  for (int r = 0; r < R; ++r) {
-    V x[KV];
-#pragma GCC unroll 3
-    for (int kv = 0; kv < KV; ++kv) x[kv] = load(inT + r * ld_in + kv * VW);
-#pragma GCC unroll 8
-    for (int j = 0; j < JW; ++j) {
-      const V w = bcast(dout[j * R + r]);
-#pragma GCC unroll 3
-      for (int kv = 0; kv < KV; ++kv) acc[j][kv] = fma(x[kv], w, acc[j][kv]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < JW; ++j) {
-#pragma GCC unroll 3
-    for (int kv = 0; kv < KV; ++kv) store(G + j * ld_g + kv * VW, acc[j][kv]);
-  }
-}
-
-template <int KV>
-void wgrad_columns(const float* dout, int J, const float* inT, int ld_in, float* G, int ld_g) {
-  constexpr int JW = wgrad_cols<KV>();
-  for (int j0 = 0; j0 < J; j0 += JW)
-    wgrad_block<KV, JW>(dout + j0 * R, inT, ld_in, G + j0 * ld_g, ld_g);
-}
-
-// The weight gradient of one product: G (J x ld_g) += dout (J lines) inT (R x Kv vectors),
-// and bias (J lane partials) += the row sums of dout.  J is a multiple of 8.
-void wgrad(const float* dout, int J, const float* inT, int ld_in, int Kv, float* G, int ld_g,
-           float* bias) {
-  for (int kv = 0; kv < Kv;) {
-    const float* in = inT + kv * VW;
-    float* g = G + kv * VW;
-    if (Kv - kv >= 3) {
-      wgrad_columns<3>(dout, J, in, ld_in, g, ld_g);
-      kv += 3;
-    } else if (Kv - kv == 2) {
-      wgrad_columns<2>(dout, J, in, ld_in, g, ld_g);
-      kv += 2;
-    } else {
-      wgrad_columns<1>(dout, J, in, ld_in, g, ld_g);
-      kv += 1;
-    }
-  }
-  for (int j = 0; j < J; ++j) {
-    V sum = load(bias + j * VW);
-    for (int t = 0; t < TV; ++t) sum += load(dout + j * R + t * VW);
-    store(bias + j * VW, sum);
-  }
 }
 
 inline V select_positive(V test, V yes, V no) { return test > bcast(0.0f) ? yes : no; }
 
-// |e| into the loss, and dO = d|e|/dO for every row (0 for padding lanes).
-void loss_and_seed(const L1Args& a, const float* x, const Tile& tl, const Grads& g) {
-  V loss = load(g.loss), bo = load(g.bo);
+// dO = u dpred/dO for every row (0 for padding lanes, whose upstream is 0), and with row
+// gradients the direct part of dpred/ds, u (x_{S-1} + y).
+void seed(const VjpArgs& a, const float* x, const Tile& tl, const Grads& g) {
+  V bo = load(g.bo);
   for (int t = 0; t < TV; ++t) {
     const int at = t * VW;
     const V y = vtanh(load(tl.o + at));
-    const V pred = prediction(x + (a.S - 1) * R + at, y, tl.scale + at, tl.shift + at, a.wnn);
-    V e = pred - load(tl.target + at);
-    if (a.wnn && a.normalised) e = e / load(tl.scale + at);
-    const V live = load(tl.live + at);
-    loss += as_float(as_int(e) & bcast_i(INT32_MAX)) * live;
-    // sign(e) * live: NaN compares false both ways, so its sign is 0, as in torch.
-    const V one = live, minus_one = -live;
-    V dpred = select_positive(e, one, V{}) + select_positive(-e, minus_one, V{});
-    if (a.wnn && !a.normalised) dpred = dpred * load(tl.scale + at);  // de/d(x + y)
-    const V dO = dpred * (bcast(1.0f) - y * y);
+    const V u = load(tl.up + at);
+    const V du = a.wnn ? u * load(tl.scale + at) : u;
+    const V dO = du * (bcast(1.0f) - y * y);
     store(tl.dO + at, dO);
     bo += dO;
+    if (a.wnn && a.grad_rows) store(tl.dsd + at, u * (load(x + (a.S - 1) * R + at) + y));
   }
-  store(g.loss, loss);
   store(g.bo, bo);
 }
 
 void backward_stream(const float* inp, int n, int ld, const StreamBackPanels& bp, const float* pz,
-                     const float* saved, const Tile& tl, const StreamGrads& g) {
+                     const float* saved, const Tile& tl, const StreamGrads& g, float* dinp) {
   for (int j = 0; j < kOutHidden; ++j) {
     const V wo = bcast(bp.wo[j]);
     V gwo = load(g.wo + j * VW);
@@ -316,25 +255,87 @@ void backward_stream(const float* inp, int n, int ld, const StreamBackPanels& bp
   });
   transpose(inp, n, tl.inT, ld);
   wgrad(tl.dhz, kPZ, tl.inT, ld, ld / VW, g.in, ld, g.bias_in);
+
+  if (!dinp) return;
+  product(tl.dhz, kPZ, bp.in, in_cols(n), [&](int c0, V(&acc)[JB][TV]) {
+    for (int j = 0; j < JB && c0 + j < n; ++j)
+      for (int t = 0; t < TV; ++t) store(dinp + (c0 + j) * R + t * VW, acc[j][t]);
+  });
 }
 
-void train_tile(const L1Args& a, const HeadPanels& head, const StreamBackPanels (&back)[2],
-                const Tile& tl, const Grads& g, int64_t row0) {
+// The streams' input gradients -> d pred / d rows (times u), in dinp[0]'s lines.
+void row_grads(const VjpArgs& a, const float* x, const Tile& tl) {
+  const int S = a.S;
+  float *dx = tl.dinp[0], *dd = tl.dinp[1];
+  for (int t = 0; t < TV; ++t) {
+    const int at = t * VW;
+    const V u = load(tl.up + at);
+    for (int k = 0; k < S; ++k) {
+      V g = load(dx + k * R + at);
+      if (k > 0) g += load(dd + (k - 1) * R + at);
+      if (k + 1 < S) g -= load(dd + k * R + at);
+      if (k + 1 == S) g += a.wnn ? u * load(tl.scale + at) : u;  // x_{S-1} in pred
+      store(dx + k * R + at, g);
+    }
+    if (!a.wnn) continue;  // raw: x is the row itself
+    // x = v / s with v = w - m0 and s = 2 (max v - min v + eps).  The extremes are found
+    // on w, where v's ties are (w - m0 is exact in float64, as torch's reference has it).
+    const float* w = tl.win;
+    V hi = load(w + at), lo = hi;
+    for (int k = 1; k < S; ++k) {
+      hi = vmax(hi, load(w + k * R + at));
+      lo = vmin(lo, load(w + k * R + at));
+    }
+    const V one = bcast(1.0f), none = V{};
+    V n_hi = none, n_lo = none, dx_x = none;
+    for (int k = 0; k < S; ++k) {
+      const V wk = load(w + k * R + at);
+      n_hi += wk == hi ? one : none;
+      n_lo += wk == lo ? one : none;
+      dx_x = fma(load(dx + k * R + at), load(x + k * R + at), dx_x);
+    }
+    const V s = load(tl.scale + at);
+    // s enters pred directly and through every x_k; torch's amax / amin backward shares
+    // d/d(max) and d/d(min) evenly among the tied extremes.
+    const V ds2 = (load(tl.dsd + at) - dx_x / s) * bcast(2.0f);
+    const V share_hi = ds2 / n_hi, share_lo = ds2 / n_lo;
+    V later = none;  // sum of dv_k for k >= 1: m0 = w_0 is subtracted from every v_k
+    for (int k = 0; k < S; ++k) {
+      const V wk = load(w + k * R + at);
+      V dv = load(dx + k * R + at) / s;
+      dv += wk == hi ? share_hi : none;
+      dv -= wk == lo ? share_lo : none;
+      if (k > 0) later += dv;
+      store(dx + k * R + at, dv);
+    }
+    store(dx + at, u - later);  // m0 is also pred's shift
+  }
+}
+
+void store_row_grads(const VjpArgs& a, const Tile& tl, int64_t row0, int64_t valid) {
+  float* dst = a.grad_rows + row0 * a.S;
+  for (int64_t r = 0; r < valid; ++r)
+    for (int k = 0; k < a.S; ++k) dst[r * a.S + k] = tl.dinp[0][k * R + r];
+}
+
+void vjp_tile(const VjpArgs& a, const HeadPanels& head, const StreamBackPanels (&back)[2],
+              const Tile& tl, const Grads& g, int64_t row0) {
   const int S = a.S;
   const int64_t valid = a.n_rows - row0 < R ? a.n_rows - row0 : R;
   load_tile(a.rows, a.rows_dtype, S, row0, valid, tl.win);
-  for (int64_t r = 0; r < R; ++r) {
-    tl.target[r] = r < valid ? a.target[row0 + r] : 0.0f;
-    tl.live[r] = r < valid ? 1.0f : 0.0f;
-  }
+  for (int64_t r = 0; r < R; ++r) tl.up[r] = r < valid ? a.upstream[row0 + r] : 0.0f;
   const float* x = normalise(tl.win, S, a.wnn, tl.xs, tl.ds, tl.scale, tl.shift);
   for (int t = 0; t < R; t += VW) store(tl.o + t, bcast(head.bo));
   stream<true>(x, head.stream[0], tl.pz[0], tl.o, tl.saved[0]);
   stream<true>(tl.ds, head.stream[1], tl.pz[1], tl.o, tl.saved[1]);
-  loss_and_seed(a, x, tl, g);
+  seed(a, x, tl, g);
   const float* inputs[2] = {x, tl.ds};
   for (int s = 0; s < 2; ++s)
-    backward_stream(inputs[s], S - s, ld_in(S), back[s], tl.pz[s], tl.saved[s], tl, g.stream[s]);
+    backward_stream(inputs[s], S - s, ld_in(S), back[s], tl.pz[s], tl.saved[s], tl,
+                    g.stream[s], a.grad_rows ? tl.dinp[s] : nullptr);
+  if (!a.grad_rows) return;
+  row_grads(a, x, tl);
+  store_row_grads(a, tl, row0, valid);
 }
 
 double hsum(const float* v) {
@@ -343,7 +344,7 @@ double hsum(const float* v) {
   return sum;
 }
 
-// total (packed layout, then the loss) += one block's gradient.
+// total (packed layout) += one block's gradient.
 void add_block(const Grads& g, const PackedHead& layout, int S, double* total) {
   const int ld = ld_in(S);
   for (int s = 0; s < 2; ++s) {
@@ -373,33 +374,32 @@ void add_block(const Grads& g, const PackedHead& layout, int S, double* total) {
     }
   }
   total[layout.bo] += hsum(g.bo);
-  total[layout.size] += hsum(g.loss);
 }
 
-int64_t totals_floats(int S) { return round_up(2 * (packed_head(S).size + 1), 16); }
+int64_t totals_floats(int S) { return round_up(2 * packed_head(S).size, 16); }
 
 }  // namespace
 
-int64_t l1_workspace_floats(int S, int threads) {
-  return head_panel_floats(S) + back_panel_floats() + totals_floats(S) +
+int64_t vjp_workspace_floats(int S, int threads) {
+  return head_panel_floats(S) + back_panel_floats(S) + totals_floats(S) +
          int64_t(threads) * (tile_floats(S) + grads_floats(S));
 }
 
-double l1(const L1Args& a, float* workspace) {
+void vjp(const VjpArgs& a, float* workspace) {
   const int S = a.S;
   const PackedHead layout = packed_head(S);
   const HeadPanels head = build_head(a.packed, S, workspace);
   float* next = workspace + head_panel_floats(S);
   StreamBackPanels back[2];
   build_back(a.packed, layout, next, back);
-  next += back_panel_floats();
+  next += back_panel_floats(S);
   double* total = reinterpret_cast<double*>(next);
-  for (int64_t i = 0; i <= layout.size; ++i) total[i] = 0.0;
+  for (int64_t i = 0; i < layout.size; ++i) total[i] = 0.0;
   next += totals_floats(S);
 
   const int64_t per_thread = tile_floats(S) + grads_floats(S);
   const int64_t tiles = (a.n_rows + R - 1) / R;
-  const int64_t blocks = (tiles + kL1BlockTiles - 1) / kL1BlockTiles;
+  const int64_t blocks = (tiles + kVjpBlockTiles - 1) / kVjpBlockTiles;
 #pragma omp parallel num_threads(a.threads)
   {
     float* mine = next + omp_get_thread_num() * per_thread;
@@ -411,14 +411,13 @@ double l1(const L1Args& a, float* workspace) {
 #pragma omp for ordered schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       std::memset(block_grads, 0, sizeof(float) * grads_floats(S));
-      const int64_t end = (b + 1) * kL1BlockTiles < tiles ? (b + 1) * kL1BlockTiles : tiles;
-      for (int64_t i = b * kL1BlockTiles; i < end; ++i) train_tile(a, head, back, tl, g, i * R);
+      const int64_t end = (b + 1) * kVjpBlockTiles < tiles ? (b + 1) * kVjpBlockTiles : tiles;
+      for (int64_t i = b * kVjpBlockTiles; i < end; ++i) vjp_tile(a, head, back, tl, g, i * R);
 #pragma omp ordered
       add_block(g, layout, S, total);
     }
   }
-  for (int64_t i = 0; i < layout.size; ++i) a.grad[i] = float(total[i]);
-  return total[layout.size];
+  for (int64_t i = 0; i < layout.size; ++i) a.grad_packed[i] = float(total[i]);
 }
 
 }  // namespace KNOW_ISA
