@@ -5,7 +5,8 @@ The public entry points (``kernels/nowcast.py``, ``kernels/l1.py``) validate wha
 and call a backend's ``run`` only as its contract allows.  ``run`` does not check that
 again: with the ``check_*_call`` helpers below it asserts the layout its kernel indexes by
 (a broken promise would read or write out of bounds), and with ``invariant`` its own knobs,
-which no public entry point takes (``input_precision``, ``mode``, ``blocks_per_sm``).
+which no public entry point takes (``input_precision``, ``programs``, ``mode``,
+``blocks_per_sm``).
 """
 from __future__ import annotations
 
