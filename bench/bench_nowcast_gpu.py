@@ -131,7 +131,7 @@ def eager_ms_per_row(head: KNOWNHead) -> float:
 
 
 def print_provenance() -> None:
-    """Card, software, date, commit and command (bench_l1_gpu.py prints them too)."""
+    """Card, software, date, commit and command (bench_vjp_gpu.py prints them too)."""
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2 ** 30:.0f} GiB; torch {torch.__version__}, CUDA "

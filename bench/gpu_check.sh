@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# One pass on a CUDA machine: build both extensions, run the GPU tests, then the GPU
-# benchmarks.  Logs go to $OUT (or ./out) so that they survive a time-out; each step has
+# One pass on a CUDA machine: build both extensions, run the GPU tests (inference and the
+# VJP of one step), then the GPU benchmarks.  Logs go to $OUT (or ./out) so that they survive a time-out; each step has
 # its own limit so that one slow step cannot take the rest with it.
 #   bash bench/gpu_check.sh            # everything (about 10 minutes on an H100/H200)
 #   STEPS="build tests" bash bench/gpu_check.sh
 # Where one command may run 10 minutes at most, split it in two on the same machine (the
-# build stays): STEPS="build selftest tests l1tests", then STEPS="full l1bench exp profile".
+# build stays): STEPS="build selftest tests vjptests", then STEPS="full vjpbench exp profile".
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PATH="$PATH:/usr/local/cuda/bin"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build tests selftest l1tests full l1bench exp profile"}
+STEPS=${STEPS:-"build tests selftest vjptests full vjpbench exp profile"}
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -32,9 +32,12 @@ TAIL=5 step build 240 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" $PY setup.py -q 
 $PY -m know_kernels info | tail -8
 step selftest 60 $PY -m know_kernels selftest
 step tests 200 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_nowcast_gpu.py tests/kernels/test_nowcast_api.py
-step l1tests 200 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_l1_gpu.py tests/pipeline/test_streaming.py
+# The VJP's tests on the card, then its CPU stand-ins against the freshly built module
+# (nvcc compile without spills, the emulator, the binding's own checks).
+step vjptests 200 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_vjp_gpu.py \
+  tests/kernels/test_vjp_cuda_build.py tests/pipeline/test_streaming.py
 TAIL=40 step full 220 $PY bench/bench_nowcast_gpu.py
-TAIL=30 step l1bench 120 $PY bench/bench_l1_gpu.py
+TAIL=30 step vjpbench 120 $PY bench/bench_vjp_gpu.py
 step exp 80 $PY bench/bench_nowcast_gpu.py --exp
 # What bounds each path: one launch per path under Nsight Compute, where it can read the
 # counters (Firecracker machines; on gVisor ncu fails and the step says so).  The scheduler

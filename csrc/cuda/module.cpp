@@ -7,12 +7,12 @@
 
 #include <stdexcept>
 
-#include "l1.cuh"
 #include "nowcast.cuh"
+#include "vjp.cuh"
 
 namespace py = pybind11;
-using know::cuda::L1Args;
 using know::cuda::NowcastArgs;
+using know::cuda::VjpArgs;
 
 namespace {
 
@@ -34,7 +34,7 @@ void queue(std::string (*launch)(const Args&), const Args& args) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference and L1 training step)";
+  m.doc() = "know-kernels CUDA extension (tensor-core KNOWN inference and its VJP)";
   m.attr("MAX_WINDOW") = know::cuda::kMaxWindow;
   py::dict codes;
   for (const know::DTypeName& d : know::kDTypeNames) codes[d.name] = int(d.code);
@@ -77,30 +77,31 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("all_steps"), py::arg("precise"), py::arg("blocks_per_sm"), py::arg("stream"),
         py::arg("device"),
         "Queue the fused kernel on `stream`.  Pointers are device addresses.");
-  m.def("l1_workspace_floats",
-        [](std::int64_t n, int S, int device) {
+  m.def("vjp_workspace_floats",
+        [](std::int64_t n, int S, int groups) {
           std::int64_t floats = 0;
-          check(know::cuda::l1_workspace_floats(n, S, device, &floats));
+          check(know::cuda::vjp_workspace_floats(n, S, groups, &floats));
           return floats;
         },
-        py::arg("n"), py::arg("S"), py::arg("device"),
-        "Floats of float32 workspace that l1_loss needs for n rows on `device`.");
-  m.def("l1_loss",
-        [](std::uintptr_t rows, int rows_dtype, std::uintptr_t target, std::uintptr_t packed,
-           std::uintptr_t grad, std::uintptr_t loss, std::uintptr_t workspace,
-           std::int64_t workspace_floats, std::int64_t n, int S, bool wnn, bool normalised,
-           std::uintptr_t stream, int device) {
-          queue(know::cuda::l1_loss, L1Args{rows, rows_dtype, target, packed, grad, loss,
-                                            workspace, workspace_floats, n, S, wnn, normalised,
-                                            stream, device});
+        py::arg("n"), py::arg("S"), py::arg("groups"),
+        "Floats of float32 workspace that vjp needs for n rows in at most `groups` groups "
+        "(0: the default).");
+  m.def("vjp",
+        [](std::uintptr_t rows, int rows_dtype, std::uintptr_t packed, std::uintptr_t upstream,
+           std::uintptr_t grad_packed, std::uintptr_t grad_rows, std::uintptr_t workspace,
+           std::int64_t workspace_floats, std::int64_t n, int S, bool wnn, int groups,
+           int max_blocks, std::uintptr_t stream, int device) {
+          queue(know::cuda::vjp, VjpArgs{rows, rows_dtype, packed, upstream, grad_packed,
+                                         grad_rows, workspace, workspace_floats, n, S, wnn,
+                                         groups, max_blocks, stream, device});
         },
-        py::arg("rows"), py::arg("rows_dtype"), py::arg("target"), py::arg("packed"),
-        py::arg("grad"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_floats"),
-        py::arg("n"), py::arg("S"), py::arg("wnn"), py::arg("normalised"), py::arg("stream"),
-        py::arg("device"),
-        "Queue the fused L1 training step on `stream`: overwrites grad (packed size) with "
-        "d(sum |e|)/d(packed) and loss (one float) with sum |e|.  Pointers are device "
-        "addresses.");
+        py::arg("rows"), py::arg("rows_dtype"), py::arg("packed"), py::arg("upstream"),
+        py::arg("grad_packed"), py::arg("grad_rows"), py::arg("workspace"),
+        py::arg("workspace_floats"), py::arg("n"), py::arg("S"), py::arg("wnn"),
+        py::arg("groups"), py::arg("max_blocks"), py::arg("stream"), py::arg("device"),
+        "Queue the fused VJP of one nowcast step on `stream`: overwrites grad_packed (packed "
+        "size) with sum u d pred / d packed and, unless grad_rows is 0, grad_rows (n, S) "
+        "with u d pred / d rows.  Pointers are device addresses.");
   m.def("exp_throughput",
         [](int exp_mode, std::uintptr_t out, std::int64_t threads, int iters,
            std::uintptr_t stream, int device) {

@@ -303,7 +303,7 @@ def test_run_refuses_unknown_register_budget():
 def test_public_entry_points_refuse_windows_the_kernels_do_not_take():
     C = _built()
     from know_kernels.kernels.backends import fused_module
-    for op in ("nowcast", "l1"):
+    for op in ("nowcast", "vjp"):
         assert fused_module("cuda", op, C.MAX_WINDOW).MAX_WINDOW == C.MAX_WINDOW
         with pytest.raises(ValueError, match=f"up to {C.MAX_WINDOW} snapshots, got S=9"):
             fused_module("cuda", op, 9)

@@ -1,6 +1,6 @@
 """csrc/cuda's kernels compiled as C++ for the CPU emulator of csrc/cuda/emulate.cuh, so
 that the CUDA sources are tested on machines without a GPU (test_cuda_build.py,
-test_l1_cuda_build.py)."""
+test_vjp_cuda_build.py)."""
 import ctypes
 import shutil
 import subprocess

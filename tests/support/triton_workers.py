@@ -1,4 +1,4 @@
-"""Worker processes for the Triton tests (test_nowcast_triton.py, test_l1_triton.py).
+"""Worker processes for the Triton tests (test_nowcast_triton.py, test_vjp_triton.py).
 
 Triton fixes interpreter mode when it is first imported, so the kernel runs happen in
 worker processes started with TRITON_INTERPRET set (or unset) before their imports; a test
@@ -30,9 +30,9 @@ def worker_pool(interpret: bool):
 
 
 def compile_ptx(kernel, signature, constexprs, cc, config):
-    """Runs in the non-interpreting worker: the PTX of the autotuned ``kernel`` (a module's
-    lazy ``kernel``) for compute capability ``cc`` with one autotune ``config``, or None
-    and why not."""
+    """Runs in the non-interpreting worker: the PTX of ``kernel`` (a module's lazy
+    ``kernel``, autotuned or not) for compute capability ``cc`` with one configuration
+    ``config``, or None and why not."""
     import triton
     from triton.compiler import ASTSource
     try:
@@ -46,7 +46,10 @@ def compile_ptx(kernel, signature, constexprs, cc, config):
     options = {"num_warps": warps, "num_stages": stages}
     if maxnreg and maxnreg[0] is not None:
         options["maxnreg"] = maxnreg[0]
-    compiled = triton.compile(ASTSource(fn=kernel().fn, signature=signature,
+    jitted = kernel()
+    if isinstance(jitted, triton.runtime.Autotuner):
+        jitted = jitted.fn
+    compiled = triton.compile(ASTSource(fn=jitted, signature=signature,
                                         constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32), options=options)
     assert compiled.asm["cubin"], "no cubin produced"

@@ -5,7 +5,8 @@ The public entry points (``kernels/nowcast.py``, ``kernels/l1.py``) validate wha
 and call a backend's ``run`` only as its contract allows.  ``run`` does not check that
 again: with the ``check_*_call`` helpers below it asserts the layout its kernel indexes by
 (a broken promise would read or write out of bounds), and with ``invariant`` its own knobs,
-which no public entry point takes (``input_precision``, ``mode``, ``blocks_per_sm``).
+which no public entry point takes (``input_precision``, ``programs``, ``mode``,
+``blocks_per_sm``).
 """
 from __future__ import annotations
 
@@ -87,3 +88,24 @@ def check_l1_call(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor
               f"target {tuple(target.shape)} {target.dtype} for {rows.shape[0]} rows")
     invariant(grad.dtype == torch.float32 and grad.numel() == packed.numel(),
               f"grad {grad.numel()} {grad.dtype} for S={S}")
+
+
+def check_vjp_call(rows: torch.Tensor, packed: torch.Tensor, upstream: torch.Tensor,
+                   grad_packed: torch.Tensor, grad_rows: Optional[torch.Tensor], *, S: int,
+                   device_type: Optional[str] = None) -> None:
+    """What a VJP kernel indexes by: contiguous tensors on the rows' device (of type
+    ``device_type`` when given), rows (N, S) of a kernel dtype, and float32 upstream (N,),
+    packed head and its gradient for S, and grad_rows (N, S) unless None."""
+    others = {"upstream": upstream, "grad_packed": grad_packed}
+    if grad_rows is not None:
+        others["grad_rows"] = grad_rows
+    _check_layout(device_type, rows, S, packed, **others)
+    n = rows.shape[0]
+    invariant(upstream.dtype == torch.float32 and tuple(upstream.shape) == (n,),
+              f"upstream {tuple(upstream.shape)} {upstream.dtype} for {n} rows")
+    invariant(grad_packed.dtype == torch.float32 and grad_packed.numel() == packed.numel(),
+              f"grad_packed {grad_packed.numel()} {grad_packed.dtype} for S={S}")
+    invariant(grad_rows is None or (grad_rows.dtype == torch.float32
+                                    and tuple(grad_rows.shape) == (n, S)),
+              f"grad_rows {None if grad_rows is None else tuple(grad_rows.shape)} for "
+              f"{n} rows of S={S}")

@@ -1,4 +1,4 @@
-"""What the Triton kernels of ``nowcast`` and ``l1_loss`` share: the import of triton, the
+"""What the Triton kernels of ``nowcast`` and ``vjp`` share: the import of triton, the
 layout constants, the device functions of one stream's forward pass, the normalisation and
 the tanh, the backends' ``available``, and the tiles' sizes.
 
@@ -95,7 +95,7 @@ def bottleneck_tiles(packed_ptr, base, n, KP: tl.constexpr):
 def hidden_chunk(inp, z, packed_ptr, base, n, c0, KP: tl.constexpr, HCHUNK: tl.constexpr,
                  PRECISION: tl.constexpr):
     """Hidden units c0 .. c0 + HCHUNK of one stream: h, c, e = exp(c h), p = b e, and the
-    weight tiles wb, wc, w2 of the chunk (the backward pass multiplies by them again)."""
+    weight tiles w1, wb, wc, w2 of the chunk (the backward pass multiplies by them again)."""
     b1, _, _, wb_o, bb, wc_o, bc, w2_o, _, _ = stream_offsets(base, n)
     r = tl.arange(0, KP)[:, None]
     rb = tl.arange(0, PAD)[:, None]
@@ -109,7 +109,7 @@ def hidden_chunk(inp, z, packed_ptr, base, n, c0, KP: tl.constexpr, HCHUNK: tl.c
     b = mm(z, wb, None, PRECISION) + tl.load(packed_ptr + bb + cc)
     c = mm(z, wc, None, PRECISION) + tl.load(packed_ptr + bc + cc)
     e = tl.exp(c * h)
-    return h, c, e, b * e, wb, wc, w2
+    return h, c, e, b * e, w1, wb, wc, w2
 
 
 @device_function
@@ -126,7 +126,7 @@ def stream_forward(inp, packed_ptr, base, n, KP: tl.constexpr, HCHUNK: tl.conste
     # weights are live (an MMA's B operand is held whole by every warp), and the loop keeps
     # the compiler from hoisting every weight out of the caller's loops into registers.
     for c0 in range(0, HID, HCHUNK):
-        _, _, _, p, _, _, w2 = hidden_chunk(inp, z, packed_ptr, base, n, c0, KP, HCHUNK,
+        _, _, _, p, _, _, _, w2 = hidden_chunk(inp, z, packed_ptr, base, n, c0, KP, HCHUNK,
                                             PRECISION)
         v = mm(p, w2, v, PRECISION)
     return z, v

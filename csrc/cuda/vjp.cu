@@ -1,9 +1,11 @@
-// The fused L1 training step of KNOWN: forward through both streams and the head, the L1
-// loss, and the backward pass to every folded parameter, in one kernel.
+// The fused VJP of one nowcast step of KNOWN: forward through both streams and the head,
+// then, given the upstream gradient u of each row's prediction, the backward pass to every
+// folded parameter and optionally to the rows, in one kernel.
 //
-// Work split.  A block stages the packed head in shared memory once and keeps its own
-// gradient there (packed layout, plus the loss), zeroed at the start.  It then walks tiles
-// of kTile rows (tile blockIdx.x, + gridDim.x, ...).  For a tile, every matrix product runs
+// Work split.  The row tiles (kTile rows each) are cut into at most `groups` groups of
+// consecutive tiles.  A block stages the packed head in shared memory once, then walks
+// groups (group blockIdx.x, + gridDim.x, ...), keeping the group's gradient in shared
+// memory (packed layout), zeroed at the group's start.  For a tile, every matrix product runs
 // on the tensor cores in 3xTF32 from shared-memory buffers of the tile's activations:
 // products over the hidden units (row-major operands) and the weight-gradient products over
 // the tile's rows (transposed operands: only the strides change).  Elementwise steps (exp,
@@ -13,21 +15,26 @@
 //   load and normalise the rows;
 //   forward x, then forward d: z = relu(in g + gb), h, b, c, e = exp(c h), p = b e,
 //     v = z a2 + p w2 + b2 (z and v kept per stream; h, c, e, p only for the last stream);
-//   head, per row: y = bo + leaky(v) . wo, tanh, prediction, e, |e|, dy = dL/dy;
-//   backward d with its h, c, e, p still there, then recompute x's and backward x.
-// Each weight gradient of a tile is one product over the tile's rows added to the block's
-// copy; at the end each block writes that copy to its row of a (blocks, P + 1) workspace and
-// a second kernel sums the rows in a fixed order, so the result does not depend on timing.
+//   head, per row: y = bo + leaky(v) . wo, tanh, dy = dL/dy = u s tanh'(y);
+//   backward d with its h, c, e, p still there, then recompute x's and backward x, each
+//     also giving dL/d(its input) when the rows' gradient is asked for;
+//   the rows' gradient, per row: through the differences of the d stream, x_last, and the
+//     normalisation, whose max and min share their gradient evenly among tied values.
+// Each weight gradient of a tile is one product over the tile's rows added to the group's
+// copy; at the end of a group the block writes that copy to the group's row of a
+// (groups, P) workspace and a second kernel sums the rows in a fixed order, so the result
+// depends neither on timing nor on the number of blocks.
 //
 // Accuracy: 3xTF32 products (float32-level) and float32 elsewhere, with expf and IEEE
 // division; the tanh and its derivative come from exp(-2|y|) so neither overflows nor
-// cancels near saturation.  Sub-gradients follow torch: sign(0) = 0, relu'(0) = 0,
-// leaky_relu'(0) = slope.
+// cancels near saturation.  Sub-gradients follow torch: relu'(0) = 0, leaky_relu'(0) =
+// slope, amax / amin split evenly among ties.
 #include <algorithm>
 
 #include "device.cuh"
 #include "folded.cuh"
-#include "l1.cuh"
+#include "tile_gemm.cuh"
+#include "vjp.cuh"
 
 namespace know::cuda {
 namespace {
@@ -42,7 +49,7 @@ static_assert(kHeadLanes == 8 && 2 * kOutHidden == 8 * kHeadLanes,
 // columns) falls on distinct shared-memory banks.
 constexpr int kLd8 = 12, kLd32 = 36, kLd64 = 68;
 // Per-row values of the tile, one array of kTile each.
-enum RowValue { kScale, kShift, kLast, kTarget, kDy, kRowLoss, kRowValues };
+enum RowValue { kScale, kShift, kLast, kUpstream, kOut, kDy, kRowValues };
 
 __host__ __device__ constexpr int round4(int x) { return (x + 3) & ~3; }
 
@@ -51,21 +58,23 @@ constexpr int kTileFloats = 2 * kTile * kLd8      // in: x and d
                             + 2 * kTile * kLd32   // v per stream, then dL/dv
                             + 5 * kTile * kLd64   // h, c, e, p, dp of one stream
                             + kTile * kLd8        // dz
+                            + 2 * kTile * kLd8    // dL/d(input) per stream
                             + kRowValues * kTile;
 
 __host__ __device__ inline int smem_floats(int S) {
   const int floats = packed_head<int>(S).size;
-  return round4(floats) + round4(floats + 1) + kTileFloats;
+  return 2 * round4(floats) + kTileFloats;
 }
 
 struct Smem {
   float* w;     // the packed head
-  float* grad;  // the block's gradient (packed layout), then its loss
+  float* grad;  // the group's gradient (packed layout)
   float* in[2];
   float* z[2];
   float* v[2];
   float *h, *c, *e, *p, *dp;
   float* dz;
+  float* din[2];
   float* row;   // row[k * kTile + r]: RowValue k of tile row r
 };
 
@@ -78,7 +87,7 @@ __device__ inline Smem carve(float* base, int P) {
     return r;
   };
   m.w = take(round4(P));
-  m.grad = take(round4(P + 1));
+  m.grad = take(round4(P));
   for (int s = 0; s < 2; ++s) m.in[s] = take(kTile * kLd8);
   for (int s = 0; s < 2; ++s) m.z[s] = take(kTile * kLd8);
   for (int s = 0; s < 2; ++s) m.v[s] = take(kTile * kLd32);
@@ -88,6 +97,7 @@ __device__ inline Smem carve(float* base, int P) {
   m.p = take(kTile * kLd64);
   m.dp = take(kTile * kLd64);
   m.dz = take(kTile * kLd8);
+  for (int s = 0; s < 2; ++s) m.din[s] = take(kTile * kLd8);
   m.row = take(kRowValues * kTile);
   return m;
 }
@@ -95,61 +105,19 @@ __device__ inline Smem carve(float* base, int P) {
 struct Params {
   const void* rows;
   int rows_dtype;
-  const float* target;
   const float* packed;
-  float* partial;  // (gridDim.x, P + 1)
+  const float* upstream;
+  float* grad_rows;  // null: no rows' gradient
+  float* partial;    // (groups, P)
   std::int64_t n;
   int S;
   bool wnn;
-  bool normalised;
+  std::int64_t groups, tiles_per_group;
 };
 
-// Element (i, k) of a product operand lies at p[i * si + k * sk]: a transpose swaps the
-// strides, so the weight-gradient products read the activations as they were stored.
-struct Operand {
-  const float* p;
-  int si, sk;
-};
-
-// out(i, j, value) for every i < M, j < N of A (M x K) @ B (K x N), with 3xTF32 m16n8k8
-// products; operands read as zero past M and K.  N is a multiple of 8.  Warps take the
-// 16 x 8 output tiles in turn, so two calls with the same M and N hand every (i, j) to the
-// same lane: a later call may add to what an earlier one wrote without a barrier.
 template <typename Out>
 __device__ __forceinline__ void gemm(int M, int N, int K, Operand a, Operand b, Out out) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int tiles_n = N / 8;
-  const int tiles = (M + 15) / 16 * tiles_n;
-  for (int tile = threadIdx.x >> 5; tile < tiles; tile += kWarps) {
-    const int i0 = tile / tiles_n * 16, j0 = tile % tiles_n * 8;
-    const auto av = [&](int i, int k) { return i < M && k < K ? a.p[i * a.si + k * a.sk] : 0.0f; };
-    const auto bv = [&](int k) { return k < K ? b.p[k * b.si + (j0 + g) * b.sk] : 0.0f; };
-    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      mma<true>(d, split<true>(av(i0 + g, k0 + t), av(i0 + g + 8, k0 + t),
-                               av(i0 + g, k0 + t + 4), av(i0 + g + 8, k0 + t + 4)),
-                split_b<true>(bv(k0 + t), bv(k0 + t + 4)));
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int i = i0 + g + 8 * (q >> 1);
-      if (i < M) out(i, j0 + 2 * t + (q & 1), d[q]);
-    }
-  }
-}
-
-// Output writers for gemm: C = A B, C = A B + bias, C = relu(A B + bias), C += A B.
-__device__ __forceinline__ auto put(float* c, int ld) {
-  return [=](int i, int j, float v) { c[i * ld + j] = v; };
-}
-__device__ __forceinline__ auto store(float* c, int ld, const float* bias) {
-  return [=](int i, int j, float v) { c[i * ld + j] = v + bias[j]; };
-}
-__device__ __forceinline__ auto store_relu(float* c, int ld, const float* bias) {
-  return [=](int i, int j, float v) { c[i * ld + j] = fmaxf(v + bias[j], 0.0f); };
-}
-__device__ __forceinline__ auto add(float* c, int ld) {
-  return [=](int i, int j, float v) { c[i * ld + j] += v; };
+  tile_gemm<kWarps>(M, N, K, a, b, out);
 }
 
 // acc[j] += sum over the tile's rows of m[r * ld + j], for j < N (a bias gradient).
@@ -162,8 +130,8 @@ __device__ __forceinline__ void add_column_sums(float* acc, const float* m, int 
 }
 
 // Rows row0 .. row0 + kTile - 1 into in[0] (x) and in[1] (d), and their per-row values.
-// Rows past n become zero rows with target 0; their dy is set to 0 by the head, which
-// zeroes every gradient they could contribute.
+// Rows past n become zero rows with upstream 0, which zeroes every gradient they could
+// contribute.
 __device__ void load_tile(const Smem& m, const Params& p, std::int64_t row0) {
   const int r = threadIdx.x;
   if (r < kTile) {
@@ -193,7 +161,7 @@ __device__ void load_tile(const Smem& m, const Params& p, std::int64_t row0) {
     m.row[kScale * kTile + r] = scale;
     m.row[kShift * kTile + r] = shift;
     m.row[kLast * kTile + r] = x[p.S - 1];
-    m.row[kTarget * kTile + r] = ok ? __ldg(p.target + row[0]) : 0.0f;
+    m.row[kUpstream * kTile + r] = ok ? __ldg(p.upstream + row[0]) : 0.0f;
   }
   __syncthreads();
 }
@@ -228,9 +196,9 @@ __device__ void forward(const Smem& m, const StreamLayout& L, int n, int s) {
   __syncthreads();
 }
 
-// The head for each row of the tile: prediction, loss and dy = dL/dy; then the gradients of
-// wo, bo and the loss sum, and v of both streams turned into dL/dv.
-__device__ void head(const Smem& m, const Params& p, int wo, std::int64_t row0) {
+// The head for each row of the tile: tanh(y) and dy = dL/dy; then the gradients of wo and
+// bo, and v of both streams turned into dL/dv.
+__device__ void head(const Smem& m, int wo) {
   const int r = threadIdx.x / kHeadLanes, part = threadIdx.x % kHeadLanes;
   float y = 0.0f;
   for (int q = 0; q < 8; ++q) {
@@ -240,24 +208,16 @@ __device__ void head(const Smem& m, const Params& p, int wo, std::int64_t row0) 
   }
   for (int lanes = 1; lanes < kHeadLanes; lanes *= 2) y += __shfl_xor_sync(0xffffffffu, y, lanes);
   if (part == 0) {
-    const bool ok = row0 + r < p.n;
     y += m.w[wo + 2 * kOutHidden];
     const float t = expf(-2.0f * fabsf(y));
     const float tanh_abs = (1.0f - t) / (1.0f + t);
-    const float out = y < 0.0f ? -tanh_abs : tanh_abs;
-    const float dout = 4.0f * t / ((1.0f + t) * (1.0f + t));
-    const float scale = m.row[kScale * kTile + r];
-    // "raw" rows have scale 1 and shift 0, which leave the prediction's bits alone.
-    const float diff = (m.row[kLast * kTile + r] + out) * scale + m.row[kShift * kTile + r] -
-                       m.row[kTarget * kTile + r];
-    const float sign = diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f);
-    // e = diff (original units) or diff / scale; d pred / d out = scale.
-    m.row[kRowLoss * kTile + r] = ok ? (p.normalised ? fabsf(diff) / scale : fabsf(diff)) : 0.0f;
-    m.row[kDy * kTile + r] = ok ? (p.normalised ? sign * dout : sign * dout * scale) : 0.0f;
+    m.row[kOut * kTile + r] = y < 0.0f ? -tanh_abs : tanh_abs;
+    // pred = (x_last + out) s + shift, so d pred / d out = s ("raw": 1).
+    m.row[kDy * kTile + r] = m.row[kUpstream * kTile + r] * m.row[kScale * kTile + r] *
+                             (4.0f * t / ((1.0f + t) * (1.0f + t)));
   }
   __syncthreads();
   const int j = threadIdx.x;
-  const int P = packed_head<int>(p.S).size;
   if (j < 2 * kOutHidden) {
     float s = 0.0f;
     for (int i = 0; i < kTile; ++i) {
@@ -265,11 +225,10 @@ __device__ void head(const Smem& m, const Params& p, int wo, std::int64_t row0) 
       s = fmaf(m.row[kDy * kTile + i], v >= 0.0f ? v : kLeakySlope * v, s);
     }
     m.grad[wo + j] += s;
-  } else if (j == 2 * kOutHidden || j == 2 * kOutHidden + 1) {
-    const float* values = m.row + (j == 2 * kOutHidden ? kDy : kRowLoss) * kTile;
+  } else if (j == 2 * kOutHidden) {
     float s = 0.0f;
-    for (int i = 0; i < kTile; ++i) s += values[i];
-    m.grad[j == 2 * kOutHidden ? wo + 2 * kOutHidden : P] += s;
+    for (int i = 0; i < kTile; ++i) s += m.row[kDy * kTile + i];
+    m.grad[wo + 2 * kOutHidden] += s;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 2 * kTile * kOutHidden; i += kThreads) {
@@ -282,8 +241,8 @@ __device__ void head(const Smem& m, const Params& p, int wo, std::int64_t row0) 
 }
 
 // Adds the tile's gradient of stream s's folded tensors, given dL/dv in v[s] and the
-// stream's h, c, e, p in the hidden buffers.
-__device__ void backward(const Smem& m, const StreamLayout& L, int n, int s) {
+// stream's h, c, e, p in the hidden buffers; with `inputs`, dL/d(input) into din[s].
+__device__ void backward(const Smem& m, const StreamLayout& L, int n, int s, bool inputs) {
   const float* w = m.w;
   float* grad = m.grad;
   const Operand in_t{m.in[s], 1, kLd8}, z_t{m.z[s], 1, kLd8}, dv{m.v[s], kLd32, 1};
@@ -308,6 +267,8 @@ __device__ void backward(const Smem& m, const StreamLayout& L, int n, int s) {
   gemm(kBottleneck, kHidden, kTile, z_t, db, add(grad + L.wb, kHidden));
   gemm(kBottleneck, kHidden, kTile, z_t, dc, add(grad + L.wc, kHidden));
   gemm(n, kHidden, kTile, in_t, dh, add(grad + L.w1, kHidden));
+  // Both din products share M and N, so each (i, j) stays with one lane: no barrier.
+  if (inputs) gemm(kTile, kMaxWindow, kHidden, dh, {w + L.w1, 1, kHidden}, put_cols(m.din[s], kLd8, n));
   const auto dz = add(m.dz, kLd8);
   gemm(kTile, kBottleneck, kHidden, db, {w + L.wb, 1, kHidden}, dz);
   gemm(kTile, kBottleneck, kHidden, dc, {w + L.wc, 1, kHidden}, dz);
@@ -322,120 +283,202 @@ __device__ void backward(const Smem& m, const StreamLayout& L, int n, int s) {
   }
   __syncthreads();
   gemm(n, kBottleneck, kTile, in_t, {m.dz, kLd8, 1}, add(grad + L.g, kBottleneck));
+  if (inputs) {
+    gemm(kTile, kMaxWindow, kBottleneck, {m.dz, kLd8, 1}, {w + L.g, 1, kBottleneck},
+         add_cols(m.din[s], kLd8, n));
+  }
   add_column_sums(grad + L.gb, m.dz, kLd8, kBottleneck);
   __syncthreads();
 }
 
-__global__ void __launch_bounds__(kThreads, 1) l1_kernel(Params p) {
+// u d pred / d rows for each row of the tile (one thread per row), from dL/dx in din[0]
+// and dL/dd in din[1]: x_j also reaches d_{j-1} = x_j - x_{j-1} and d_j = x_{j+1} - x_j,
+// and x_last the prediction directly.  "wnn": x = (w - w_0) / s, s = 2 (max - min + eps),
+// pred = (x_last + out) s + w_0; the max and the min of w - w_0 share their gradient
+// evenly among tied values, as torch's amax / amin do (a constant row ties everywhere).
+__device__ void row_gradient(const Smem& m, const Params& p, std::int64_t row0) {
+  const int r = threadIdx.x;
+  if (r < kTile && row0 + r < p.n) {
+    const int S = p.S;
+    const std::int64_t row[1] = {row0 + r};
+    float window[1][kMaxWindow];
+    load_windows(p.rows, p.rows_dtype, row, p.n, S, window);
+    const float u = m.row[kUpstream * kTile + r], scale = m.row[kScale * kTile + r];
+    const float* x = m.in[0] + r * kLd8;
+    const float* dx = m.din[0] + r * kLd8;
+    const float* dd = m.din[1] + r * kLd8;
+    float g[kMaxWindow];
+    for (int j = 0; j < S; ++j) {
+      g[j] = dx[j] + (j > 0 ? dd[j - 1] : 0.0f) - (j + 1 < S ? dd[j] : 0.0f);
+    }
+    g[S - 1] += u * scale;
+    float* out = p.grad_rows + row[0] * S;
+    if (!p.wnn) {
+      for (int j = 0; j < S; ++j) out[j] = g[j];
+      return;
+    }
+    const float(&w)[kMaxWindow] = window[0];
+    float hi = 0.0f, lo = 0.0f, gx = 0.0f;  // x_0 = 0 is among the values
+    for (int j = 0; j < S; ++j) {
+      hi = fmaxf(hi, w[j] - w[0]);
+      lo = fminf(lo, w[j] - w[0]);
+      gx = fmaf(g[j], x[j], gx);
+    }
+    int at_hi = 0, at_lo = 0;
+    for (int j = 0; j < S; ++j) {
+      at_hi += w[j] - w[0] == hi;
+      at_lo += w[j] - w[0] == lo;
+    }
+    // dL/ds: directly through pred, and through every x_j = (w_j - w_0) / s.
+    const float ds = u * (m.row[kLast * kTile + r] + m.row[kOut * kTile + r]) - gx / scale;
+    const float to_hi = 2.0f * ds / at_hi, to_lo = 2.0f * ds / at_lo;
+    float sum = 0.0f;
+    for (int j = 0; j < S; ++j) {
+      const float xs = w[j] - w[0];
+      g[j] = g[j] / scale + (xs == hi ? to_hi : 0.0f) - (xs == lo ? to_lo : 0.0f);
+      sum += g[j];
+    }
+    // w_0 is also subtracted from every value, and it is the shift.
+    g[0] += u - sum;
+    for (int j = 0; j < S; ++j) out[j] = g[j];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) vjp_kernel(Params p) {
   KNOW_DYNAMIC_SHARED(smem);
   const int S = p.S;
   const HeadLayout layout = packed_head<int>(S);
   const int P = layout.size;
   const Smem m = carve(smem, P);
   const StreamLayout* L = layout.stream;
-  for (int i = threadIdx.x; i < P; i += kThreads) {
-    m.w[i] = __ldg(p.packed + i);
-    m.grad[i] = 0.0f;
-  }
-  if (threadIdx.x == 0) m.grad[P] = 0.0f;
-  __syncthreads();
+  const bool rows_grad = p.grad_rows != nullptr;
+  for (int i = threadIdx.x; i < P; i += kThreads) m.w[i] = __ldg(p.packed + i);
   const std::int64_t tiles = (p.n + kTile - 1) / kTile;
-  for (std::int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const std::int64_t row0 = tile * kTile;
-    load_tile(m, p, row0);
-    forward(m, L[0], S, 0);
-    forward(m, L[1], S - 1, 1);
-    head(m, p, layout.wo, row0);
-    backward(m, L[1], S - 1, 1);
-    hidden(m, L[0], S, 0);
-    backward(m, L[0], S, 0);
+  for (std::int64_t group = blockIdx.x; group < p.groups; group += gridDim.x) {
+    for (int i = threadIdx.x; i < P; i += kThreads) m.grad[i] = 0.0f;
+    __syncthreads();
+    const std::int64_t last = (group + 1) * p.tiles_per_group;
+    const std::int64_t end = last < tiles ? last : tiles;
+    for (std::int64_t tile = group * p.tiles_per_group; tile < end; ++tile) {
+      const std::int64_t row0 = tile * kTile;
+      load_tile(m, p, row0);
+      forward(m, L[0], S, 0);
+      forward(m, L[1], S - 1, 1);
+      head(m, layout.wo);
+      backward(m, L[1], S - 1, 1, rows_grad);
+      hidden(m, L[0], S, 0);
+      backward(m, L[0], S, 0, rows_grad);
+      if (rows_grad) {
+        row_gradient(m, p, row0);
+        __syncthreads();
+      }
+    }
+    float* out = p.partial + group * P;
+    for (int i = threadIdx.x; i < P; i += kThreads) out[i] = m.grad[i];
+    __syncthreads();
   }
-  __syncthreads();
-  float* out = p.partial + static_cast<std::int64_t>(blockIdx.x) * (P + 1);
-  for (int i = threadIdx.x; i <= P; i += kThreads) out[i] = m.grad[i];
 }
 
-// grad[j] = sum over blocks of partial[b][j] for j < width - 1, and *loss the last column.
-__global__ void reduce_kernel(const float* partial, int blocks, int width, float* grad,
-                              float* loss) {
+// grad[j] = sum over groups of partial[g][j], in the groups' order.
+__global__ void reduce_kernel(const float* partial, std::int64_t groups, int width, float* grad) {
   const int j = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (j >= width) return;
   float s = 0.0f;
-  for (int b = 0; b < blocks; ++b) s += partial[static_cast<std::int64_t>(b) * width + j];
-  if (j < width - 1) grad[j] = s;
-  else *loss = s;
+  for (std::int64_t g = 0; g < groups; ++g) s += partial[g * width + j];
+  grad[j] = s;
 }
 
 std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + ": " + cudaGetErrorString(err);
 }
 
-// Blocks of the fused kernel for n rows (at most one per tile), and its shared memory.
-std::string plan(std::int64_t n, int S, int device, int* blocks, std::size_t* smem) {
+struct Plan {
+  std::int64_t groups = 0, tiles_per_group = 0;
+  int blocks = 0;
+  std::size_t smem = 0;
+};
+
+// Groups of consecutive tiles for n rows (at most max_groups, all but the last of one size).
+std::string plan_groups(std::int64_t n, int S, int max_groups, Plan* plan) {
   if (S < 2 || S > kMaxWindow) {
     return "S must be in [2, " + std::to_string(kMaxWindow) + "], got " + std::to_string(S);
   }
   if (n < 0) return "n must be >= 0, got " + std::to_string(n);
-  *smem = sizeof(float) * static_cast<std::size_t>(smem_floats(S));
-  *blocks = 0;
-  if (n == 0) return "";
+  if (max_groups < 0) return "groups must be >= 0, got " + std::to_string(max_groups);
+  const std::int64_t tiles = (n + kTile - 1) / kTile;
+  if (tiles > 0) {
+    const std::int64_t cap = std::min<std::int64_t>(tiles, max_groups ? max_groups : kVjpGroups);
+    plan->tiles_per_group = (tiles + cap - 1) / cap;
+    plan->groups = (tiles + plan->tiles_per_group - 1) / plan->tiles_per_group;
+  }
+  plan->smem = sizeof(float) * static_cast<std::size_t>(smem_floats(S));
+  return "";
+}
+
+// Blocks of the fused kernel: at most one per group, and as many as are resident at once.
+std::string plan_blocks(int device, int max_blocks, Plan* plan) {
+  if (max_blocks < 0) return "max_blocks must be >= 0, got " + std::to_string(max_blocks);
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return cuda_error("cudaSetDevice", err);
-  err = cudaFuncSetAttribute(l1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(*smem));
+  err = cudaFuncSetAttribute(vjp_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(plan->smem));
   if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute", err);
   int sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", err);
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, l1_kernel, kThreads, *smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, vjp_kernel, kThreads, plan->smem);
   if (err != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
   if (per_sm < 1) return "the kernel does not fit on this device (shared memory or registers)";
-  const std::int64_t tiles = (n + kTile - 1) / kTile;
-  *blocks = static_cast<int>(std::min<std::int64_t>(tiles, std::int64_t{sms} * per_sm));
+  std::int64_t blocks = std::min<std::int64_t>(plan->groups, std::int64_t{sms} * per_sm);
+  if (max_blocks > 0) blocks = std::min<std::int64_t>(blocks, max_blocks);
+  plan->blocks = static_cast<int>(blocks);
   return "";
 }
 
 }  // namespace
 
-std::string l1_workspace_floats(std::int64_t n, int S, int device, std::int64_t* floats) {
-  int blocks = 0;
-  std::size_t smem = 0;
-  const std::string error = plan(n, S, device, &blocks, &smem);
-  *floats = error.empty() ? std::int64_t{blocks} * (packed_head<int>(S).size + 1) : 0;
+std::string vjp_workspace_floats(std::int64_t n, int S, int groups, std::int64_t* floats) {
+  Plan plan;
+  const std::string error = plan_groups(n, S, groups, &plan);
+  *floats = error.empty() ? plan.groups * packed_head<int>(S).size : 0;
   return error;
 }
 
-std::string l1_loss(const L1Args& a) {
+std::string vjp(const VjpArgs& a) {
   if (!is_dtype(a.rows_dtype)) return "unknown dtype code " + std::to_string(a.rows_dtype);
-  int blocks = 0;
-  std::size_t smem = 0;
-  std::string error = plan(a.n, a.S, a.device, &blocks, &smem);
+  Plan plan;
+  std::string error = plan_groups(a.n, a.S, a.groups, &plan);
   if (!error.empty()) return error;
-  if (!a.grad || !a.loss) return "null device pointer (grad or loss)";
-  const int width = packed_head<int>(a.S).size + 1;
+  if (!a.grad_packed) return "null device pointer (grad_packed)";
+  const int width = packed_head<int>(a.S).size;
   if (a.n > 0) {
-    if (!a.rows || !a.target || !a.packed || !a.workspace) return "null device pointer";
-    if (a.workspace_floats < std::int64_t{blocks} * width) {
+    if (!a.rows || !a.upstream || !a.packed || !a.workspace) return "null device pointer";
+    if (a.workspace_floats < plan.groups * width) {
       return "workspace holds " + std::to_string(a.workspace_floats) + " floats, needs " +
-             std::to_string(std::int64_t{blocks} * width);
+             std::to_string(plan.groups * width);
     }
+    error = plan_blocks(a.device, a.max_blocks, &plan);
+    if (!error.empty()) return error;
   }
   cudaError_t err = cudaSetDevice(a.device);
   if (err != cudaSuccess) return cuda_error("cudaSetDevice", err);
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   float* partial = reinterpret_cast<float*>(a.workspace);
-  if (blocks > 0) {
+  if (plan.blocks > 0) {
     const Params p{reinterpret_cast<const void*>(a.rows), a.rows_dtype,
-                   reinterpret_cast<const float*>(a.target), reinterpret_cast<const float*>(a.packed),
-                   partial, a.n, a.S, a.wnn, a.normalised};
-    launch_kernel(l1_kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
+                   reinterpret_cast<const float*>(a.packed),
+                   reinterpret_cast<const float*>(a.upstream),
+                   reinterpret_cast<float*>(a.grad_rows), partial, a.n, a.S, a.wnn,
+                   plan.groups, plan.tiles_per_group};
+    launch_kernel(vjp_kernel, dim3(plan.blocks), dim3(kThreads), plan.smem, stream, p);
     err = cudaGetLastError();
-    if (err != cudaSuccess) return cuda_error("l1 kernel launch", err);
+    if (err != cudaSuccess) return cuda_error("vjp kernel launch", err);
   }
+  // With no rows there are no groups: the reduction writes zeros.
   constexpr int kReduceThreads = 256;
   launch_kernel(reduce_kernel, dim3((width + kReduceThreads - 1) / kReduceThreads),
-                dim3(kReduceThreads), 0, stream, static_cast<const float*>(partial), blocks, width,
-                reinterpret_cast<float*>(a.grad), reinterpret_cast<float*>(a.loss));
+                dim3(kReduceThreads), 0, stream, static_cast<const float*>(partial),
+                plan.groups, width, reinterpret_cast<float*>(a.grad_packed));
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("reduce kernel launch", err);
   return "";
