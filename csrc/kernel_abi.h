@@ -1,9 +1,8 @@
 // How both compiled modules, know_kernels._C (CPU) and know_kernels._cuda, take their
 // arguments from the Python wrappers (know_kernels/kernels/ops/): tensors as raw addresses,
 // storage dtypes as the codes below (exported to Python as DTYPE_CODES), the normalisation
-// as `bool wnn` (false: "raw") and the L1 loss space as `bool normalised` (false:
-// "original").  The wrappers have validated every argument; the modules only refuse a call
-// that would read or write out of bounds.
+// as `bool wnn` (false: "raw").  The wrappers have validated every argument; the modules
+// only refuse a call that would read or write out of bounds.
 //
 // Per-ISA CPU sources include this header too, hence static functions (see packed_layout.h).
 #pragma once

@@ -64,8 +64,8 @@ def assert_close(got, want, unsigned, tol=TOL):
     |upstream| (``unsigned``).  A head gradient sums rows' terms whose signs come from the
     upstream, and where those cancel no float32 sum is more accurate than the terms' own
     size allows: d.b1's gradient for S = 3 on raw rows is 0.02 from terms that sum to 52
-    unsigned (support/l1_kernels.py has the same measure).  A row's gradient is its own, no
-    sum over rows, and ``unsigned`` leaves it out: it is measured against itself."""
+    unsigned.  A row's gradient is its own, no sum over rows, and ``unsigned`` leaves it
+    out: it is measured against itself."""
     errors = {}
     for k, ref in want.items():
         size = torch.maximum(ref.norm(), unsigned[k].norm()) if k in unsigned else ref.norm()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from know_kernels import KNOWN
 from know_kernels.cli import main
 from know_kernels.io.store import MetaDataset, Trajectory
 from know_kernels.research.lincomb import LinComb
@@ -38,9 +39,9 @@ def test_batchnorm_is_re_estimated_on_the_calibration_images(runs):
     assert not torch.allclose(got, other)
 
 
-def _loss(predictor, data, objective="task", beta=1.0):
+def _loss(predictor, data, objective="task", beta=1.0, backend="auto"):
     return run_objective(predictor, data, S=5, objective=objective, beta=beta,
-                         gen=torch.Generator().manual_seed(7))
+                         gen=torch.Generator().manual_seed(7), backend=backend)
 
 
 def test_the_gradient_matches_a_finite_difference(runs):
@@ -59,6 +60,36 @@ def test_the_gradient_matches_a_finite_difference(runs):
                 model.coef["fc"][k] -= sign * eps
         fd = (values[0] - values[1]) / (2 * eps)
         assert abs(model.coef["fc"].grad[k] - fd) <= 2e-2 * abs(fd) + 1e-4, (k, fd)
+
+
+@pytest.mark.parametrize("run_id", ["run_0000", "run_0001"])
+def test_known_gradients_through_the_fused_vjp_match_plain_autograd(runs, run_id):
+    grads = {}
+    for backend in ("cpu", "reference"):
+        known = KNOWN.pretrained(5)
+        _loss(known, runs[run_id], "mixed", backend=backend)["loss"].backward()
+        grads[backend] = {n: p.grad for n, p in known.named_parameters() if p.grad is not None}
+    assert grads["cpu"].keys() == grads["reference"].keys() and grads["cpu"]
+    for name, ref in grads["reference"].items():
+        err = (grads["cpu"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < 1e-4, (name, float(err))
+
+
+def test_the_known_gradient_matches_a_finite_difference(runs):
+    data = runs["run_0000"]
+    known = KNOWN.pretrained(5)
+    _loss(known, data, backend="cpu")["loss"].backward()
+    for name, index in (("heads.fc.bo", (0,)), ("heads.fc.wo", (3, 0)),
+                        ("heads.bias.wo", (40, 0))):
+        param = dict(known.named_parameters())[name]
+        eps, values = 1e-2, []
+        for sign in (1, -1):
+            with torch.no_grad():
+                param[index] += sign * eps
+                values.append(float(_loss(known, data, backend="cpu")["loss"]))
+                param[index] -= sign * eps
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert abs(param.grad[index] - fd) <= 5e-2 * abs(fd) + 2e-5, (name, float(param.grad[index]), fd)
 
 
 def test_the_objectives_combine_as_documented(runs):

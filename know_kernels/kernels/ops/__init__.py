@@ -63,38 +63,6 @@ def check_vjp_call(rows: torch.Tensor, packed: torch.Tensor, upstream: torch.Ten
                    device_type: Optional[str] = None) -> None:
     """What a VJP kernel indexes by: contiguous tensors on the rows' device (of type
     ``device_type`` when given), rows (N, S) of a kernel dtype, and float32 upstream (N,),
-    packed head and its gradient for S, and grad_rows None or float32 (N, S)."""
-    others = {"upstream": upstream, "grad_packed": grad_packed}
-    if grad_rows is not None:
-        others["grad_rows"] = grad_rows
-    _check_layout(device_type, rows, S, packed, **others)
-    invariant(upstream.dtype == torch.float32 and tuple(upstream.shape) == (rows.shape[0],),
-              f"upstream {tuple(upstream.shape)} {upstream.dtype} for {rows.shape[0]} rows")
-    invariant(grad_packed.dtype == torch.float32 and grad_packed.numel() == packed.numel(),
-              f"grad_packed {grad_packed.numel()} {grad_packed.dtype} for S={S}")
-    if grad_rows is not None:
-        invariant(grad_rows.dtype == torch.float32 and grad_rows.shape == rows.shape,
-                  f"grad_rows {tuple(grad_rows.shape)} {grad_rows.dtype} for rows "
-                  f"{tuple(rows.shape)}")
-
-
-def check_l1_call(rows: torch.Tensor, target: torch.Tensor, packed: torch.Tensor,
-                  grad: torch.Tensor, *, S: int, device_type: Optional[str] = None) -> None:
-    """What the GPU L1 kernels (ops/l1_triton.py, ops/l1_cuda.py) index by: contiguous
-    tensors on the rows' device (of type ``device_type`` when given), rows (N, S) of a
-    kernel dtype, and float32 target (N,), packed head and gradient for S."""
-    _check_layout(device_type, rows, S, packed, target=target, grad=grad)
-    invariant(target.dtype == torch.float32 and tuple(target.shape) == (rows.shape[0],),
-              f"target {tuple(target.shape)} {target.dtype} for {rows.shape[0]} rows")
-    invariant(grad.dtype == torch.float32 and grad.numel() == packed.numel(),
-              f"grad {grad.numel()} {grad.dtype} for S={S}")
-
-
-def check_vjp_call(rows: torch.Tensor, packed: torch.Tensor, upstream: torch.Tensor,
-                   grad_packed: torch.Tensor, grad_rows: Optional[torch.Tensor], *, S: int,
-                   device_type: Optional[str] = None) -> None:
-    """What a VJP kernel indexes by: contiguous tensors on the rows' device (of type
-    ``device_type`` when given), rows (N, S) of a kernel dtype, and float32 upstream (N,),
     packed head and its gradient for S, and grad_rows (N, S) unless None."""
     others = {"upstream": upstream, "grad_packed": grad_packed}
     if grad_rows is not None:
