@@ -194,20 +194,24 @@ def load_state(path: PathLike) -> TrainState:
                       history=json.loads(blob["history"]), seconds=float(blob["seconds"]))
 
 
+def resumed_state(checkpoint: Optional[PathLike], cfg, load: Callable):
+    """``load(checkpoint)``, refused unless it exists and was written with ``cfg``."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"nothing to resume: checkpoint {checkpoint} not found")
+    state = load(checkpoint)
+    if dataclasses.asdict(state.config) != dataclasses.asdict(cfg):
+        raise ValueError(f"{checkpoint} was written with a different configuration; "
+                         f"resume with the same settings or start afresh")
+    return state
+
+
 def meta_train(store: MetaDataset, cfg: MetaTrainConfig, *, checkpoint: Optional[PathLike] = None,
                resume: bool = False,
                progress: Optional[Callable[[str, int, int, float], None]] = None) -> tuple[KNOWN, TrainState]:
     """Train one head per entry of ``cfg.heads``; checkpoint to ``checkpoint`` every
     ``cfg.checkpoint_every`` steps and after each head; ``resume`` continues from it."""
-    if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"nothing to resume: checkpoint {checkpoint} not found")
-        state = load_state(checkpoint)
-        if dataclasses.asdict(state.config) != dataclasses.asdict(cfg):
-            raise ValueError(f"{checkpoint} was written with a different configuration; "
-                             f"resume with the same settings or start afresh")
-    else:
-        state = TrainState(config=cfg.check())
+    state = (resumed_state(checkpoint, cfg, load_state) if resume
+             else TrainState(config=cfg.check()))
     train_runs, _ = split_runs(store, cfg.val_architectures, cfg.val_datasets)
     if not train_runs:
         raise ValueError("no training runs left after holding out the validation runs")

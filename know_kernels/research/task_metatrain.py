@@ -14,7 +14,6 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -27,7 +26,7 @@ from ..known.routing import HEADS
 from ..io.store import MetaDataset
 from .forgetting import derive_seed
 from .lincomb import LinComb
-from .metatrain import split_runs, write_checkpoint
+from .metatrain import resumed_state, split_runs, write_checkpoint
 from .replay import check_replayable, replay
 from .task_objective import Predictor, RunData, check_objective, evaluate_run, run_objective
 
@@ -136,15 +135,7 @@ def meta_train_task(store: MetaDataset, cfg: TaskTrainConfig, *,
     """Train ``cfg.predictor`` on the store's training runs; checkpoint every
     ``cfg.checkpoint_every`` steps and at the end; ``resume`` continues from it."""
     cfg.check()
-    if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"nothing to resume: checkpoint {checkpoint} not found")
-        state = load_task_state(checkpoint)
-        if dataclasses.asdict(state.config) != dataclasses.asdict(cfg):
-            raise ValueError(f"{checkpoint} was written with a different configuration; "
-                             f"resume with the same settings or start afresh")
-    else:
-        state = TaskState(cfg)
+    state = resumed_state(checkpoint, cfg, load_task_state) if resume else TaskState(cfg)
     train_ids, _ = split_runs(store, cfg.val_architectures, cfg.val_datasets)
     if not train_ids:
         raise ValueError("no training runs left after holding out the validation runs")
