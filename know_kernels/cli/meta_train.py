@@ -11,12 +11,13 @@ from typing import Optional
 from tqdm import tqdm
 
 from ..fileio import atomic_path, output_lock, sweep_stale
-from ..known.heads import KNOWN
+from ..known.heads import KNOWN, PRETRAINED_S
 from ..kernels.l1 import LOSS_SPACES
 from ..research.metatrain import (MetaTrainConfig, baseline_predictors, known_predictor,
                                   meta_train, prediction_errors, split_runs, window_count)
 from ..research.task_metatrain import (INITS, PREDICTORS, TaskTrainConfig, meta_train_task,
                                        validate)
+from ..research.lincomb import LinComb
 from ..research.task_objective import OBJECTIVES
 from ..kernels.nowcast import BACKENDS
 from ..kernels.reference import NORMS
@@ -87,12 +88,25 @@ def register(sub) -> None:
     t.add_argument("--unroll", type=int, default=TaskTrainConfig.unroll,
                    help="predicted steps scored from the inference window")
     t.add_argument("--data-dir", default=None, help="where the runs' datasets are")
+    t.add_argument("--validation", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the held-out runs when done (default); --no-validation "
+                        "when they are held out for later, e.g. while selecting settings "
+                        "with `know meta-eval --task` on other runs")
     _add_split(p)
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("meta-eval", help="validation table of a KNOWN against the baselines")
     e.add_argument("store", help="meta-dataset directory")
-    e.add_argument("--known", required=True, help="KNOWN weights (.safetensors)")
+    e.add_argument("--known", action="append", default=[],
+                   help="KNOWN weights (.safetensors); with --task, repeatable")
+    e.add_argument("--lincomb", action="append", default=[],
+                   help="with --task: a lincomb file from `know meta-train --predictor "
+                        "lincomb` (repeatable)")
+    e.add_argument("--task", action="store_true",
+                   help="score each predictor's Θ̂^{-1}, Θ̂^{-2} by accuracy and cross-entropy "
+                        "of the runs' networks on their extra pools E, beside the shipped "
+                        "KNOWN (a replayable store)")
+    e.add_argument("--data-dir", default=None, help="where the runs' datasets are (--task)")
     _add_split(e)
     e.set_defaults(func=run_eval)
 
@@ -236,7 +250,7 @@ def _train_task(args, store: MetaDataset, out: Path, ckpt: Path, report: Path) -
     provenance = {"source": "know meta-train", "config": dataclasses.asdict(cfg),
                   "train_seconds": round(state.seconds, 1)}
     table = None
-    if val_runs:
+    if val_runs and args.validation:
         table = validate(store, {cfg.predictor: predictor}, val_runs, S=cfg.S,
                          data_dir=args.data_dir, backend=cfg.backend)
         print(format_task_table(table))
@@ -256,15 +270,44 @@ def _train_task(args, store: MetaDataset, out: Path, ckpt: Path, report: Path) -
 
 def format_task_table(table: dict) -> str:
     """Mean change from Θ^0 over the validation runs, on their extra pools E."""
-    lines = [f"validation runs: {len(table['runs'])}; change from Θ^0 on the extra pool E "
-             f"(accuracy points, cross-entropy)"]
+    n = len(table["runs"])
+    lines = [f"validation runs: {n}; change from Θ^0 on the extra pool E, mean over runs "
+             f"± s.e. (runs better than Θ^0)"]
+    width = max(len(name) for name in table["pooled"])
     for name, steps in table["pooled"].items():
         for row in steps:
-            lines.append(f"  {name:<10} step {row['step']}: {row['d_acc']:+.2f} points, "
-                         f"{row['d_ce']:+.4f} nats")
+            lines.append(f"  {name:<{width}} step {row['step']}: accuracy "
+                         f"{row['d_acc']:+.2f} ± {row['d_acc_se']:.2f} points "
+                         f"({row['acc_better']}/{n}), cross-entropy {row['d_ce']:+.4f} ± "
+                         f"{row['d_ce_se']:.4f} ({row['ce_better']}/{n})")
     return "\n".join(lines)
 
 
 def run_eval(args) -> int:
-    _report(MetaDataset(args.store, create=False), KNOWN.load(args.known), args)
+    store = MetaDataset(args.store, create=False)
+    if not args.task:
+        if len(args.known) != 1 or args.lincomb:
+            raise ValueError("meta-eval without --task takes exactly one --known and no "
+                             "--lincomb")
+        _report(store, KNOWN.load(args.known[0]), args)
+        return 0
+    predictors = {Path(p).stem: KNOWN.load(p) for p in args.known}
+    predictors.update({Path(p).stem: LinComb.load(p) for p in args.lincomb})
+    if len(predictors) != len(args.known) + len(args.lincomb):
+        raise ValueError("two predictor files share a name; give them distinct file names")
+    if not predictors:
+        raise ValueError("--task needs at least one --known or --lincomb file")
+    windows = {name: ({h.S for h in p.values()} if isinstance(p, KNOWN) else {p.S})
+               for name, p in predictors.items()}
+    sizes = set().union(*windows.values())
+    if len(sizes) != 1:
+        raise ValueError(f"the predictors read different numbers of snapshots: {windows}")
+    (S,) = sizes
+    if S in PRETRAINED_S:
+        predictors = {"KNOWN (shipped)": KNOWN.pretrained(S), **predictors}
+    _, val_runs = split_runs(store, args.val_arch, args.val_dataset)
+    if not val_runs:
+        raise ValueError("no validation runs: no run matches --val-arch/--val-dataset")
+    print(format_task_table(validate(store, predictors, val_runs, S=S,
+                                     data_dir=args.data_dir)))
     return 0

@@ -205,13 +205,21 @@ def validate(store: MetaDataset, predictors: dict[str, Predictor], run_ids, *, S
                                               for name, p in predictors.items()}}
     pooled = {}
     for name in predictors:
-        pooled[name] = [{"step": k + 1,
-                         "d_acc": _avg([r[name][k]["acc"] - r["theta0"]["acc"]
-                                        for r in per_run.values()]),
-                         "d_ce": _avg([r[name][k]["ce"] - r["theta0"]["ce"]
-                                       for r in per_run.values()])} for k in range(steps)]
+        pooled[name] = []
+        for k in range(steps):
+            row = {"step": k + 1}
+            for metric in ("acc", "ce"):
+                diffs = [r[name][k][metric] - r["theta0"][metric] for r in per_run.values()]
+                row[f"d_{metric}"], row[f"d_{metric}_se"] = _mean_se(diffs)
+                row[f"{metric}_better"] = sum(d > 0 if metric == "acc" else d < 0
+                                              for d in diffs)
+            pooled[name].append(row)
     return {"runs": per_run, "pooled": pooled}
 
 
-def _avg(values) -> float:
-    return sum(values) / len(values)
+def _mean_se(values) -> tuple[float, float]:
+    """Mean over runs and its standard error (0 for a single run)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5

@@ -156,7 +156,7 @@ def test_the_cli_trains_lincomb_and_reports_validation(tmp_path, replay_store, c
                  "--predictor", "lincomb", "--epochs", "1", "--lr", "1e-2",
                  "--runs-per-batch", "2", "--val-arch", "cnn"]) == 0
     text = capsys.readouterr().out
-    assert "validation runs: 1" in text and "lincomb    step 1" in text
+    assert "validation runs: 1" in text and "lincomb step 1: accuracy" in text
     assert LinComb.load(out).S == 5
     report = json.loads(out.with_name(out.name + ".validation.json").read_text())
     assert set(report["validation"]["runs"]) == {"run_0002"}
@@ -175,3 +175,22 @@ def test_the_task_objective_refuses_a_store_it_cannot_replay(tmp_path, replay_st
                  "--objective", "task", "--predictor", "lincomb"]) == 2
     assert "re-collect" in capsys.readouterr().err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_meta_eval_scores_predictors_on_runs_held_out_from_selection(tmp_path, replay_store,
+                                                                     capsys):
+    out = tmp_path / "lc.safetensors"
+    assert main(["meta-train", str(replay_store.root), "--out", str(out), "--objective", "task",
+                 "--predictor", "lincomb", "--epochs", "1", "--val-arch", "cnn,mlp",
+                 "--no-validation"]) == 0
+    assert "validation runs" not in capsys.readouterr().out
+    assert main(["meta-eval", str(replay_store.root), "--task", "--lincomb", str(out),
+                 "--val-arch", "cnn"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("validation runs: 1;")
+    assert [line.split(" step")[0].strip() for line in lines[1:]] == \
+        ["KNOWN (shipped)"] * 2 + ["lc"] * 2
+    LinComb(4).save(tmp_path / "s4.safetensors")
+    assert main(["meta-eval", str(replay_store.root), "--task", "--lincomb", str(out),
+                 "--lincomb", str(tmp_path / "s4.safetensors"), "--val-arch", "cnn"]) == 2
+    assert "different numbers of snapshots" in capsys.readouterr().err
