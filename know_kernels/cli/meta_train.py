@@ -10,7 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from ..fileio import atomic_path, output_lock, sweep_stale
+from ..fileio import atomic_path, output_lock, sweep_stale, write_json
 from ..known.heads import KNOWN, PRETRAINED_S
 from ..kernels.l1 import LOSS_SPACES
 from ..research.metatrain import (MetaTrainConfig, baseline_predictors, known_predictor,
@@ -107,6 +107,8 @@ def register(sub) -> None:
                         "of the runs' networks on their extra pools E, beside the shipped "
                         "KNOWN (a replayable store)")
     e.add_argument("--data-dir", default=None, help="where the runs' datasets are (--task)")
+    e.add_argument("--json", default=None, metavar="FILE",
+                   help="with --task: also write the table, per run and pooled, to FILE")
     _add_split(e)
     e.set_defaults(func=run_eval)
 
@@ -297,7 +299,7 @@ def run_eval(args) -> int:
         raise ValueError("two predictor files share a name; give them distinct file names")
     if not predictors:
         raise ValueError("--task needs at least one --known or --lincomb file")
-    windows = {name: ({h.S for h in p.values()} if isinstance(p, KNOWN) else {p.S})
+    windows = {name: ({h.S for _, h in p.items()} if isinstance(p, KNOWN) else {p.S})
                for name, p in predictors.items()}
     sizes = set().union(*windows.values())
     if len(sizes) != 1:
@@ -308,6 +310,8 @@ def run_eval(args) -> int:
     _, val_runs = split_runs(store, args.val_arch, args.val_dataset)
     if not val_runs:
         raise ValueError("no validation runs: no run matches --val-arch/--val-dataset")
-    print(format_task_table(validate(store, predictors, val_runs, S=S,
-                                     data_dir=args.data_dir)))
+    table = validate(store, predictors, val_runs, S=S, data_dir=args.data_dir)
+    print(format_task_table(table))
+    if args.json:
+        write_json(table, args.json)
     return 0

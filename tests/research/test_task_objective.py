@@ -178,18 +178,22 @@ def test_the_task_objective_refuses_a_store_it_cannot_replay(tmp_path, replay_st
 
 
 def test_meta_eval_scores_predictors_on_runs_held_out_from_selection(tmp_path, replay_store,
-                                                                     capsys):
+                                                                     known_path, capsys):
     out = tmp_path / "lc.safetensors"
     assert main(["meta-train", str(replay_store.root), "--out", str(out), "--objective", "task",
                  "--predictor", "lincomb", "--epochs", "1", "--val-arch", "cnn,mlp",
                  "--no-validation"]) == 0
     assert "validation runs" not in capsys.readouterr().out
     assert main(["meta-eval", str(replay_store.root), "--task", "--lincomb", str(out),
-                 "--val-arch", "cnn"]) == 0
+                 "--known", known_path, "--val-arch", "cnn",
+                 "--json", str(tmp_path / "table.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("validation runs: 1;")
     assert [line.split(" step")[0].strip() for line in lines[1:]] == \
-        ["KNOWN (shipped)"] * 2 + ["lc"] * 2
+        ["KNOWN (shipped)"] * 2 + ["known"] * 2 + ["lc"] * 2
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert list(table["runs"]) == ["run_0002"]
+    assert set(table["runs"]["run_0002"]) == {"theta0", "KNOWN (shipped)", "known", "lc"}
     LinComb(4).save(tmp_path / "s4.safetensors")
     assert main(["meta-eval", str(replay_store.root), "--task", "--lincomb", str(out),
                  "--lincomb", str(tmp_path / "s4.safetensors"), "--val-arch", "cnn"]) == 2
