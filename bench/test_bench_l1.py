@@ -27,7 +27,7 @@ def data(request):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_meta_training_step(benchmark, data, backend):
     if backend == "cpu" and not FUSED:
-        pytest.skip(f"fused CPU L1 kernel absent: {WHY}")
+        pytest.skip(f"fused CPU kernels absent: {WHY}")
     rows, target = data
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
