@@ -23,9 +23,10 @@ from dataclasses import replace
 import torch
 
 from ..fileio import output_lock
-from ..research.demo import run_demo, write_outputs
+from ..research.demo import check_lincomb, run_demo, write_outputs
 from ..research.demo_config import FINETUNE, PRESETS, PROTOCOLS, TASKS
 from ..known.heads import KNOWN
+from ..research.lincomb import LinComb
 from ..research.report import format_pooled_table
 from ..research.stats import MIN_SEEDS
 from ..research.transfer import PAPER_ORDER, check_methods
@@ -69,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--s-ablation", action="store_true",
                    help="also predict with the shipped KNOWN for S = 3 and 4 (the paper's "
                         "Table 6)")
+    p.add_argument("--lincomb", default=None, metavar="FILE",
+                   help="also predict with a lincomb file (`know meta-train --predictor "
+                        "lincomb`), judged as a baseline")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
     p.set_defaults(func=run)
 
@@ -104,6 +108,8 @@ def run(args) -> int:
     if "known" in config.methods:
         known = KNOWN.pretrained() if args.known is None else KNOWN.load(args.known)
         source = "KNOWN.pretrained()" if args.known is None else args.known
+    lincomb = None if args.lincomb is None else LinComb.load(args.lincomb)
+    check_lincomb(lincomb, config)
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -116,7 +122,8 @@ def run(args) -> int:
     # than mixing its results.json with this run's results.png.
     with output_lock(args.out):
         try:
-            results = run_demo(config, known, known_source=source, data_dir=args.data_dir,
+            results = run_demo(config, known, known_source=source, lincomb=lincomb,
+                               lincomb_source=args.lincomb, data_dir=args.data_dir,
                                jobs=args.jobs, threads=args.threads,
                                progress=not args.quiet, log=log)
         finally:

@@ -32,6 +32,7 @@ from ..fileio import PathLike, atomic_path, write_json
 from .demo_config import (ABLATION_S, ARCH, HELDOUT_CLASSES, SOURCE_CLASSES, SOURCE_TASK,
                           DemoConfig, check_known, load_tasks)
 from ..known.heads import KNOWN
+from .lincomb import LinComb
 from .pooling import pool_task
 from .replicate import run_replicate
 from .report import format_pooled_table, plot_results
@@ -50,24 +51,25 @@ def _init_worker(config: DemoConfig, data_dir, threads: int) -> None:
     _WORKER["data"] = load_tasks(config, data_dir)
 
 
-def _replicate_job(config: DemoConfig, replicate: int, known, ablation) -> dict:
+def _replicate_job(config: DemoConfig, replicate: int, known, ablation, lincomb) -> dict:
     source, tasks = _WORKER["data"]
-    return run_replicate(config, replicate, source, tasks, known, ablation)
+    return run_replicate(config, replicate, source, tasks, known, ablation, lincomb)
 
 
 def run_replicates(config: DemoConfig, known: Optional[KNOWN], ablation, data_dir, *,
-                   jobs: int, threads: int, progress: bool, log) -> list[dict]:
+                   jobs: int, threads: int, progress: bool, log,
+                   lincomb: Optional[LinComb] = None) -> list[dict]:
     """Every replicate's results in replicate order; ``jobs`` worker processes (1: in this
     process, with progress bars)."""
     if jobs == 1:
         source, tasks = load_tasks(config, data_dir)
-        return [run_replicate(config, p, source, tasks, known, ablation, log=log,
+        return [run_replicate(config, p, source, tasks, known, ablation, lincomb, log=log,
                               progress=progress) for p in range(config.replicates)]
     # spawn: a forked child would inherit the parent's torch thread pools.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                              initargs=(config, data_dir, threads)) as pool:
-        futures = [pool.submit(_replicate_job, config, p, known, ablation)
+        futures = [pool.submit(_replicate_job, config, p, known, ablation, lincomb)
                    for p in range(config.replicates)]
         out = []
         for p, future in enumerate(futures):
@@ -88,12 +90,21 @@ def _pooled_source(replicates: list[dict]) -> dict:
             "drop_mean": mean[0] - mean[-1]}
 
 
+def check_lincomb(lincomb: Optional[LinComb], config: DemoConfig) -> None:
+    """A lincomb rival must read no more snapshots than the demo's forgetting makes."""
+    if lincomb is not None and lincomb.S > config.stages:
+        raise ValueError(f"the lincomb file reads S={lincomb.S} snapshots, more than the "
+                         f"demo's {config.stages} stages")
+
+
 def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = "KNOWN",
              ablation: Optional[dict[int, KNOWN]] = None,
+             lincomb: Optional[LinComb] = None, lincomb_source: Optional[str] = None,
              data_dir: Optional[PathLike] = None, jobs: int = 1, threads: int = 1,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the pipeline; returns what results.json holds.  ``ablation``: the KNOWNs for
-    S = 3 and 4 when ``config.s_ablation`` (default: the shipped ones)."""
+    S = 3 and 4 when ``config.s_ablation`` (default: the shipped ones); ``lincomb``: the
+    lincomb rival, whose rows are judged as a baseline's."""
     config.check()
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -112,8 +123,10 @@ def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = 
         f"convergence, forgetting (r = {config.r}, S = {config.stages}), real data "
         f"×{', ×'.join(f'{f:g}' for f in config.more_data)}, predictions, "
         f"{config.protocol_name} on {', '.join(config.tasks)} × {config.seeds} seeds")
+    check_lincomb(lincomb, config)
     replicates = run_replicates(config, known, ablation, data_dir, jobs=jobs,
-                                threads=threads, progress=progress and jobs == 1, log=log)
+                                threads=threads, progress=progress and jobs == 1, log=log,
+                                lincomb=lincomb)
     names = [SOURCE_TASK, *config.tasks]
     pooled = {name: pool_task([rep["tasks"][name] for rep in replicates]) for name in names}
     phases = {k: sum(rep["timing"][k] for rep in replicates) for k in replicates[0]["timing"]}
@@ -124,6 +137,9 @@ def run_demo(config: DemoConfig, known: Optional[KNOWN], *, known_source: str = 
                    "protocol_name": config.protocol_name},
         "known": {"source": known_source, "provenance": known.provenance}
         if "known" in config.methods else None,
+        "lincomb": None if lincomb is None else
+        {"source": lincomb_source, "coefficients": {h: c.tolist()
+                                                    for h, c in lincomb.coef.items()}},
         "source": {"dataset": source.name, "num_params": count_parameters(model),
                    "subset_sizes": replicates[0]["source"]["subset_sizes"],
                    "forgetting": _pooled_source(replicates)},

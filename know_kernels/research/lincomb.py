@@ -62,6 +62,8 @@ class LinComb(nn.Module):
     def load(cls, path: PathLike) -> "LinComb":
         from safetensors import safe_open
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"lincomb file not found: {path}")
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:

@@ -20,6 +20,8 @@ from .controls import noise_candidates
 from .demo_config import ARCH, SOURCE_TASK, DemoConfig, replicate_seed
 from .forgetting import derive_seed, progressive_forgetting
 from ..known.heads import KNOWN
+from ..known.routing import route_state
+from .lincomb import LinComb
 from .more_data import more_data_candidates, nested_prefixes
 from .probe import LinearProbe
 from .source_eval import source_generalisation
@@ -36,6 +38,26 @@ def ablation_candidates(snapshots, config: DemoConfig, knowns: dict[int, KNOWN])
                                  steps=config.steps, known=known, forgotten=False)[1:]:
             out.append(Candidate(f"known-S{S}", c.step, c.factor, c.weights))
     return out
+
+
+def lincomb_candidates(snapshots, lincomb: LinComb, steps: int, r: float) -> list[Candidate]:
+    """The lincomb rival's Θ̂^{-1} … Θ̂^{-steps} from Θ^0 … Θ^{S-1} (its S), as rows
+    ``lincomb``; parameters routed to a head it lacks, and unrouted ones, keep Θ^0's values
+    (as ``predict`` does)."""
+    states = snapshots[:lincomb.S]
+    if len(states) < lincomb.S:
+        raise ValueError(f"lincomb reads {lincomb.S} snapshots, the run has {len(states)}")
+    predicted = [dict(states[0]) for _ in range(steps)]
+    with torch.no_grad():
+        for name, head in route_state(states[0]).items():
+            if head is None or head not in lincomb:
+                continue
+            ref = states[0][name]
+            rows = torch.stack([s[name].reshape(-1).float() for s in reversed(states)], 1)
+            ahead = lincomb.predict(head, rows, steps)
+            for k in range(steps):
+                predicted[k][name] = ahead[:, k].reshape(ref.shape).to(ref.dtype)
+    return [Candidate("lincomb", k, r ** -k, w) for k, w in enumerate(predicted, 1)]
 
 
 def downstream_seeds(config: DemoConfig, replicate: int) -> list[int]:
@@ -59,9 +81,11 @@ def source_rows(candidates, model_fn, source, calibration) -> dict:
 
 def run_replicate(config: DemoConfig, replicate: int, source, tasks: dict,
                   known: Optional[KNOWN], ablation: Optional[dict[int, KNOWN]] = None,
+                  lincomb: Optional[LinComb] = None,
                   log: Callable[[str], None] = lambda line: None,
                   progress: bool = False) -> dict:
-    """Everything replicate ``replicate`` measures (see the module doc)."""
+    """Everything replicate ``replicate`` measures (see the module doc); ``lincomb`` adds
+    the lincomb rival's rows."""
     base = replicate_seed(config, replicate)
     timing = {}
 
@@ -111,6 +135,8 @@ def run_replicate(config: DemoConfig, replicate: int, source, tasks: dict,
     real, predicted = predicted[:2] + more, predicted[2:]
     if config.s_ablation:
         predicted += ablation_candidates(schedule.snapshots, config, ablation)
+    if lincomb is not None:
+        predicted += lincomb_candidates(schedule.snapshots, lincomb, config.steps, config.r)
     controls = noise_candidates(predicted, schedule.snapshots[0], derive_seed(base, 3))
     candidates = real + predicted + controls
     timing["predict_s"] = time.perf_counter() - t

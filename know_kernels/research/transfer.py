@@ -49,7 +49,8 @@ NAIVE = "naive"
 MORE_DATA = "more-data"
 DISPLAY = {NAIVE: "Naive transfer", MORE_DATA: "More data (real)", "known": "KNOWN",
            "known-S3": "KNOWN (S = 3)", "known-S4": "KNOWN (S = 4)",
-           "taskvector": "TaskVector", "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit"}
+           "taskvector": "TaskVector", "linear": "LinearFit", "log": "LogFit", "exp": "ExpFit",
+           "lincomb": "lincomb"}
 # The paper's Table 1 order.
 PAPER_ORDER = ("known", "taskvector", "linear", "log", "exp")
 

@@ -12,12 +12,14 @@ import math
 import re
 
 import pytest
+import torch
 
 from know_kernels import KNOWN
 from know_kernels.research import data
 from know_kernels.cli import main
 from know_kernels.fileio import output_lock
 from know_kernels.research.controls import noise_method
+from know_kernels.research.lincomb import LinComb
 from know_kernels.research.transfer import MORE_DATA, NAIVE, PAPER_ORDER
 from know_kernels.research.verdict import verdict as recompute_verdict
 
@@ -100,12 +102,18 @@ SMALL = ["--quick", "--quiet", "--replicates", "2", "--seeds", "2", "--tasks", "
 
 def test_the_numbers_do_not_depend_on_the_worker_count(tmp_path, data_args):
     """Each replicate is seeded by the configuration alone: one worker or two, the same
-    results.json but for times and load.  Without --known the shipped KNOWN predicts, and
-    --s-ablation adds the shipped S = 3 and 4 heads."""
+    results.json but for times and load.  Without --known the shipped KNOWN predicts,
+    --s-ablation adds the shipped S = 3 and 4 heads and --lincomb the lincomb rival (here
+    linear extrapolation on the fc head), judged as a baseline."""
+    lincomb = LinComb(5, heads=("fc",))
+    with torch.no_grad():
+        lincomb.coef["fc"].copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, 2.0]))
+    lincomb.save(tmp_path / "lc.safetensors")
     runs = []
     for jobs in ("1", "2"):
         out = tmp_path / f"jobs{jobs}"
-        assert main(["demo", *SMALL, "--jobs", jobs, "--out", str(out), *data_args]) == 0
+        assert main(["demo", *SMALL, "--jobs", jobs, "--out", str(out), "--lincomb",
+                     str(tmp_path / "lc.safetensors"), *data_args]) == 0
         runs.append(json.loads((out / "results.json").read_text()))
     for run in runs:
         for key in ("timing", "machine"):
@@ -120,9 +128,11 @@ def test_the_numbers_do_not_depend_on_the_worker_count(tmp_path, data_args):
     methods = [(row["method"], row["label"]) for row in results["tasks"]["digits"]["rows"]]
     assert methods[:5] == [(NAIVE, "×1"), (NAIVE, "×0.5"), (MORE_DATA, "×0.5"),
                            (MORE_DATA, "×2"), (MORE_DATA, "×4")]
-    predicted = [(m, f"×{f}") for m in ("known", "taskvector", "known-S3", "known-S4")
-                 for f in (2, 4, 8)]
+    predicted = [(m, f"×{f}") for m in ("known", "taskvector", "known-S3", "known-S4",
+                                        "lincomb") for f in (2, 4, 8)]
     assert methods[5:] == predicted + [(noise_method(m), f) for m, f in predicted]
+    assert results["lincomb"]["coefficients"] == {"fc": [0.0, 0.0, 0.0, -1.0, 2.0]}
+    assert any(r["method"] == "lincomb" for r in results["verdict"]["tasks"]["digits"]["rows"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -134,11 +144,20 @@ def test_the_numbers_do_not_depend_on_the_worker_count(tmp_path, data_args):
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--replicates", "1"], "--replicates must be >= 2"),
     (["--s-ablation", "--methods", "exp"], "the S ablation needs the KNOWN method"),
+    (["--lincomb", "/nowhere/lc.safetensors"], "lincomb file not found: /nowhere/lc"),
 ])
 def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lincomb_reading_more_snapshots_than_the_stages_is_refused(tmp_path, capsys):
+    LinComb(6).save(tmp_path / "lc6.safetensors")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--lincomb",
+                 str(tmp_path / "lc6.safetensors")]) == 2
+    assert "reads S=6 snapshots, more than the demo's 5 stages" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

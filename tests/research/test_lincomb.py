@@ -67,3 +67,29 @@ def test_bad_arguments_are_refused():
         LinComb(3, heads=("attention",))
     with pytest.raises(ValueError, match=r"rows must be \(N, 3\)"):
         LinComb(3).step("fc", torch.zeros(2, 4))
+
+
+def test_demo_candidates_apply_the_coefficients_to_routed_parameters_only():
+    from know_kernels.research.replicate import lincomb_candidates
+    from know_kernels.research.zoo import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet", (1, 28, 28), 10, 4)
+    states = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        states.insert(0, {k: v.clone() for k, v in model.state_dict().items()})  # Θ^0 first
+    lincomb = LinComb(5, heads=("fc",))
+    with torch.no_grad():
+        lincomb.coef["fc"].copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, 2.0]))
+    step1, step2 = lincomb_candidates(states, lincomb, steps=2, r=0.5)
+    assert (step1.method, step1.step, step1.factor, step2.factor) == ("lincomb", 1, 2.0, 4.0)
+    for name, value in states[0].items():
+        if name == "fc.weight":                     # the one 2-D weight: the fc head
+            assert torch.allclose(step1.weights[name], 2 * value - states[1][name])
+            assert torch.allclose(step2.weights[name], 3 * value - 2 * states[1][name])
+        else:                                       # conv, bias, BatchNorm: Θ^0's values
+            assert torch.equal(step1.weights[name], value), name
+    with pytest.raises(ValueError, match="reads 5 snapshots"):
+        lincomb_candidates(states[:4], lincomb, steps=1, r=0.5)
