@@ -300,4 +300,8 @@ def prediction_errors(store: MetaDataset, runs: Sequence[str], head_name: str, S
 
 
 def known_predictor(head: KNOWNHead, norm: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: nowcast(x, head, norm=norm, out_dtype=torch.float32)
+    """Validation predictions: under no_grad, so that nowcast records nothing for autograd."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return nowcast(x, head, norm=norm, out_dtype=torch.float32)
+    return predict

@@ -17,8 +17,9 @@ statistics are first re-estimated on them, identically for all rows.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -53,25 +54,41 @@ def _classifier_module(model: nn.Module, prefix: str) -> nn.Module:
         raise ValueError(f"classifier={prefix!r} names no submodule of the network") from exc
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def cumulative_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Inside, every BatchNorm layer averages over all the batches it sees (momentum None),
+    as if it had always seen them; their momenta are restored on leaving."""
+    norms = batchnorm_layers(model)
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor,
                           batch_size: int = 500) -> None:
     """Re-estimate every BatchNorm layer's running mean and variance on ``images`` (a
     cumulative average over the batches, as if the layer had always seen them)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms:
         return
     was_training = model.training
-    saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
     model.train()
     device = next(model.parameters()).device
-    for start in range(0, images.shape[0], batch_size):
-        model(images[start:start + batch_size].to(device))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
+    with cumulative_batchnorm(model):
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start:start + batch_size].to(device))
     model.train(was_training)
 
 

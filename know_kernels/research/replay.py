@@ -126,7 +126,7 @@ def check_replayable(store: MetaDataset, run_id: str, *, extra_ratio: float = 0.
     if missing:
         raise NotReplayableError(f"run {run_id!r} lacks {missing} in its metadata; "
                                  f"{_recollect_hint(store)}")
-    n0 = sum(meta.get("subset_sizes", [0])[:1])
+    n0 = (meta.get("subset_sizes") or [0])[0]
     if record["extra_size"] < extra_ratio * n0:
         raise NotReplayableError(
             f"run {run_id!r} has an extra pool of {record['extra_size']} images, fewer than "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -28,6 +29,7 @@ from .forgetting import derive_seed
 from .lincomb import LinComb
 from .metatrain import resumed_state, split_runs, write_checkpoint
 from .replay import check_replayable, replay
+from .stats import mean_std
 from .task_objective import Predictor, RunData, check_objective, evaluate_run, run_objective
 
 PREDICTORS = ("known", "lincomb")
@@ -219,7 +221,5 @@ def validate(store: MetaDataset, predictors: dict[str, Predictor], run_ids, *, S
 
 def _mean_se(values) -> tuple[float, float]:
     """Mean over runs and its standard error (0 for a single run)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, (var / n) ** 0.5
+    mean, sd = mean_std(values)
+    return mean, sd / math.sqrt(len(values))

@@ -26,9 +26,9 @@ VJP kernels) and nothing of the run is modified.
 """
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch.func import functional_call
 from ..kernels.nowcast import nowcast
 from ..known.heads import KNOWN
 from .lincomb import LinComb
+from .probe import cumulative_batchnorm
 from .replay import ReplayedRun
 
 OBJECTIVES = ("l1", "task", "mixed")
@@ -89,33 +90,13 @@ class RunData:
         head, the others (e.g. BatchNorm's scale and shift, which no head predicts) those of
         Θ^newest, the window's newest snapshot, as ``predict`` copies Θ^0's."""
         traj = self.run.trajectory
-        weights = {p["name"]: predicted[p["head"]][p["offset"]:p["offset"] + _numel(p["shape"])]
-                   .reshape(p["shape"]) for p in traj.params}
+        weights = {p["name"]: predicted[p["head"]][p["offset"]:p["offset"]
+                                                   + math.prod(p["shape"])].reshape(p["shape"])
+                   for p in traj.params}
         if traj.unrouted:
             params = dict(self.skeleton.named_parameters())
             weights.update({k: v for k, v in traj.unrouted[newest].items() if k in params})
         return weights
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-@contextlib.contextmanager
-def _cumulative_batchnorm(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers average over every batch they see (momentum None) while inside."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = None
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 def recalibrated_buffers(data: RunData, weights: Mapping[str, torch.Tensor],
@@ -126,7 +107,7 @@ def recalibrated_buffers(data: RunData, weights: Mapping[str, torch.Tensor],
                       else torch.zeros_like(b)) for name, b in data.buffers.items()}
     model = data.skeleton
     if buffers:
-        with torch.no_grad(), _cumulative_batchnorm(model):
+        with torch.no_grad(), cumulative_batchnorm(model):
             model.train()
             functional_call(model, {**{k: w.detach() for k, w in weights.items()}, **buffers},
                             (calibration,))
@@ -168,7 +149,7 @@ def run_objective(predictor: Predictor, data: RunData, *, S: int, objective: str
     if T <= S:
         raise ValueError(f"run {data.run.run_id!r} has {T} stages: no window of {S} inputs "
                          f"and a target")
-    heads = [h for h in data.rows if h in _heads_of(predictor)]
+    heads = [h for h in data.rows if h in predictor]
     missing = sorted(set(data.rows) - set(heads))
     if missing:
         raise ValueError(f"the predictor has no head for the run's {missing} rows")
@@ -203,10 +184,6 @@ def run_objective(predictor: Predictor, data: RunData, *, S: int, objective: str
     else:
         terms["loss"] = terms[objective]
     return terms
-
-
-def _heads_of(predictor: Predictor) -> list[str]:
-    return list(predictor.coef) if isinstance(predictor, LinComb) else list(predictor)
 
 
 @torch.no_grad()
